@@ -1,0 +1,94 @@
+"""What every flow's command line shares: common options, quiet Prefect, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Callable
+
+from tokenmill.errors import TokenmillError
+from tokenmill.pool import BACKENDS
+from tokenmill.tasks.runner import JobConfig
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job could not run; the reason is printed on one line
+EXIT_USAGE = 2  # a bad option (argparse)
+EXIT_ROW_ERRORS = 3  # the job finished, but some rows have status "error"
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUS_HELP = """exit status:
+  0    every row is ok
+  1    the job could not run (the reason is printed on one line)
+  2    bad command-line usage
+  3    finished with row errors: see the status and error columns of results.parquet
+  130  interrupted (Ctrl-C); parts written so far are kept in OUT/parts
+"""
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every row job accepts."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_STATUS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="INPUT", help="dataset to read: .parquet, .csv, .jsonl or .ndjson")
+    p.add_argument("--column", help="text column (default: 'text', else the only string column)")
+    p.add_argument("--id-column", help="column copied to the results' id (default: the row's position)")
+    p.add_argument("--model", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="output folder (default: a folder beside INPUT named after it)")
+    p.add_argument("--prompt", help="task template: a name under prompts/<task>/ or a path to a Jinja file")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per row (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed per row (default 0)")
+    p.add_argument("--limit", type=int, help="process only the first N rows")
+    p.add_argument("--n-ctx", type=int, default=4096, help="model context size in tokens (default 4096)")
+    p.add_argument("--n-seq", type=int, default=0,
+                   help="rows decoded together in one batch (default 0: chosen by the engine)")
+    p.add_argument("--n-gpu-layers", type=int, default=-1,
+                   help="layers to offload to a GPU (default -1: all when the build supports it)")
+    p.add_argument("--backend", choices=BACKENDS, default="llama",
+                   help="llama: continuous batching (default); llama-simple: one row at a time")
+    p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")
+    p.add_argument("--debug", action="store_true", help="print tracebacks for errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
+    return JobConfig(
+        input=args.input, column=args.column, id_column=args.id_column, model=args.model, out=args.out,
+        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+        limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers,
+        backend=args.backend, chunk_size=args.chunk_size, **extra,
+    )
+
+
+def quiet_prefect_console() -> None:
+    """Keep Prefect's console output quiet; its logs still go to the API and the flow run is recorded."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *[logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+def run_cli(prog: str, main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None = None) -> int:
+    """Parse, run, and turn tokenmill errors into one line on stderr with the right exit status."""
+    args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_prefect_console()
+    try:
+        return main(args)
+    except TokenmillError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        out = f" --out {args.out}" if args.out else ""
+        print(f"{prog}: interrupted; rows finished so far are kept as Parquet parts under the output folder{out}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

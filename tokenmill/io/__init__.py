@@ -1,0 +1,1 @@
+"""Reading datasets in chunks and writing results atomically."""

@@ -1,0 +1,73 @@
+"""Results go to Parquet parts while a run goes, atomically, and are merged at the end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from tokenmill.errors import InputError
+
+PARTS_DIR = "parts"
+
+
+def write_atomic(df: pl.DataFrame, path: Path) -> None:
+    """Write to a temporary name, fsync, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.write_parquet(tmp)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create OUT and OUT/parts, failing early with a clear message when OUT is unusable."""
+    try:
+        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {out}: {exc.strerror or exc}; choose another with --out") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"output folder {out} is not writable; choose another with --out")
+    return out
+
+
+class PartWriter:
+    """Numbered Parquet parts under OUT/parts/, one per finished chunk of rows."""
+
+    def __init__(self, out: Path):
+        self.dir = out / PARTS_DIR
+        self.count = len(list(self.dir.glob("part-*.parquet")))
+
+    def write(self, df: pl.DataFrame) -> Path:
+        path = self.dir / f"part-{self.count:06d}.parquet"
+        write_atomic(df, path)
+        self.count += 1
+        return path
+
+    def merge(self, target: Path, order_by: str) -> pl.DataFrame:
+        """Merge every part into `target` in input order, then remove the parts."""
+        parts = sorted(self.dir.glob("part-*.parquet"))
+        merged = pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed").sort(order_by)
+        write_atomic(merged, target)
+        for p in parts:
+            p.unlink()
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+        return merged
+
+
+def append_row(path: Path, row: dict) -> pl.DataFrame:
+    """Append one row to a small Parquet table (e.g. usage.parquet), atomically."""
+    new = pl.DataFrame([row])
+    if path.exists():
+        new = pl.concat([pl.read_parquet(path), new], how="diagonal_relaxed")
+    write_atomic(new, path)
+    return new

@@ -1,0 +1,1 @@
+"""Model backends: one per runtime, behind the small interface in `base`."""

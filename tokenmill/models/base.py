@@ -1,0 +1,78 @@
+"""The interface every model backend implements: requests in, completions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass
+class GenerationRequest:
+    """One row's generation job. `prompt` is the fully rendered text (chat template applied).
+
+    `prompt` is tokenized with special tokens parsed (so `<|im_start|>` becomes one token)
+    and with the model's BOS added when the model asks for it, exactly as
+    `llama_cpp.Llama.create_completion` does.
+    """
+
+    index: int
+    prompt: str
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None  # GBNF text constraining this row only
+
+
+@dataclass
+class Completion:
+    """What came back for one request; `text` is None when `finish_reason` is "error"."""
+
+    index: int
+    text: str | None
+    finish_reason: FinishReason
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    prompt_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass
+class ModelSettings:
+    """How to load a model; passed to a worker process, so plain data only."""
+
+    model_path: str
+    n_ctx: int = 4096
+    n_seq: int = 0  # parallel sequence slots; 0 lets the backend choose
+    n_batch: int = 512
+    n_threads: int = 0  # 0: the machine's cores
+    n_gpu_layers: int = -1  # -1: all layers when the build can offload, else 0
+    main_gpu: int = 0
+    split_mode: str = "layer"  # none | layer | row
+    tensor_split: list[float] | None = None
+    backend: str = "llama"  # llama (continuous batching) | llama-simple | gpt4all
+
+
+class Backend(Protocol):
+    """A loaded model that turns a stream of requests into a stream of completions."""
+
+    settings: ModelSettings
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[Completion]:
+        """Yield one Completion per request, in any order, as each finishes."""
+        ...
+
+    def device(self) -> str:
+        """Describe where the model runs, e.g. "cpu (2 threads)" or "cuda: NVIDIA H100"."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,87 @@
+"""A model's tokenizer and metadata, loaded without its weights (vocab only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+from tokenmill.errors import ModelError
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence llama.cpp's C-level logging while loading (it writes straight to fd 2)."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def load_llama(path: Path, **kwargs):
+    """Load a `llama_cpp.Llama`, turning llama.cpp's load failures into a ModelError."""
+    import llama_cpp
+
+    try:
+        with quiet_stderr():
+            return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelError(
+            f"llama.cpp could not load {path}: {exc}; the file may be truncated, not a GGUF model, "
+            "or of an architecture this llama.cpp build does not support"
+        ) from None
+
+
+class ModelInfo:
+    """Tokenizer and GGUF metadata of a model file; cheap to load (no weights)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._llm = load_llama(path, vocab_only=True)
+        self.metadata: dict[str, str] = dict(self._llm.metadata)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens exactly as llama-cpp-python's create_completion would feed the model."""
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    @cached_property
+    def bos_token(self) -> str:
+        return self._token_text(self._llm.token_bos())
+
+    @cached_property
+    def eos_token(self) -> str:
+        return self._token_text(self._llm.token_eos())
+
+    @property
+    def adds_bos(self) -> bool:
+        return self._llm._model.add_bos_token()
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "unknown")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("general.name") or self.path.stem
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(self.metadata.get(f"{self.architecture}.context_length", 0) or 0)

@@ -1,0 +1,1 @@
+"""Job kinds: summarize (and later extract, simulate) over the generic row runner."""

@@ -1,0 +1,12 @@
+"""Summarize: one text column in, a `summary` column out."""
+
+from __future__ import annotations
+
+from tokenmill.tasks.runner import Job, JobConfig, TaskSpec
+
+SUMMARIZE = TaskSpec(name="summarize", output_column="summary")
+
+
+def prepare_summarize(config: JobConfig) -> Job:
+    """Open the input, check the model and the templates; nothing is generated yet."""
+    return Job(config, SUMMARIZE)
