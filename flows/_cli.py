@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from typing import Callable
@@ -46,8 +47,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="rows decoded together in one batch (default 0: chosen by the engine)")
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
-    p.add_argument("--backend", choices=BACKENDS, default="llama",
-                   help="llama: continuous batching (default); llama-simple: one row at a time")
+    p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
+                   help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
+                        "llama-simple: one row at a time")
     p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")

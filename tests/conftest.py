@@ -1,0 +1,93 @@
+"""Shared fixtures: real datasets from ../shared, a real Prefect server, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENMILL_SHARED", REPO.parent / "shared"))
+DATASETS = SHARED / "datasets"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def scitldr_rows(n: int) -> list[dict]:
+    """The first n SciTLDR dev abstracts as {paper_id, text, reference}."""
+    path = DATASETS / "scitldr" / "dev.jsonl"
+    if not path.exists():
+        pytest.skip(f"shared dataset missing: {path}")
+    rows = []
+    with path.open() as fh:
+        for line in fh:
+            record = json.loads(line)
+            rows.append({"paper_id": record["paper_id"], "text": " ".join(record["source"]),
+                         "reference": record["target"][0]})
+            if len(rows) == n:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def scitldr_parquet(tmp_path_factory) -> Path:
+    """10 SciTLDR abstracts converted to Parquet."""
+    path = tmp_path_factory.mktemp("scitldr") / "scitldr10.parquet"
+    pl.DataFrame(scitldr_rows(10)).write_parquet(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect API server on loopback for the whole session (started once, not per CLI call)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"prefect server did not start; see {home / 'server.log'}")
+    yield {"url": url, "home": str(home)}
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def run_flow(prefect_server, tmp_path_factory):
+    """Run `python -m flows.<name> ...` as a user would, against the session's Prefect server."""
+
+    cache = tmp_path_factory.mktemp("cache")
+
+    def run(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"],
+               "TOKENMILL_CACHE_DIR": str(cache)}
+        return subprocess.run([sys.executable, "-m", f"flows.{name}", *args, "--no-progress"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
