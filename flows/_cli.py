@@ -51,6 +51,16 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
                         "llama-simple: one row at a time")
     p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
+    p.add_argument("--no-strip", dest="strip", action="store_false",
+                   help="keep whitespace around outputs (a parsing option: rows are re-parsed, not regenerated)")
+    p.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a rerun into the same --out, regenerate rows that failed (default: on)")
+    p.add_argument("--cache", metavar="DIR", help="results cache shared across runs (default: ~/.cache/tokenmill)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the shared results cache")
+    p.add_argument("--price-input", type=float, default=0.15,
+                   help="USD per million prompt tokens for the cost_avoided_usd estimate (default 0.15)")
+    p.add_argument("--price-output", type=float, default=0.60,
+                   help="USD per million completion tokens for the cost_avoided_usd estimate (default 0.60)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")
     p.add_argument("--debug", action="store_true", help="print tracebacks for errors")
@@ -62,7 +72,9 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         input=args.input, column=args.column, id_column=args.id_column, model=args.model, out=args.out,
         prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
         limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers,
-        backend=args.backend, chunk_size=args.chunk_size, **extra,
+        backend=args.backend, chunk_size=args.chunk_size, strip=args.strip, retry_errors=args.retry_errors,
+        cache=not args.no_cache, cache_dir=args.cache, price_input_per_mtok=args.price_input,
+        price_output_per_mtok=args.price_output, **extra,
     )
 
 

@@ -1,7 +1,7 @@
 """Model workers in their own processes, so a llama.cpp abort kills a worker, never the run.
 
-The parent keeps a window of requests in flight. When the worker dies or hangs, the rows
-it held go back to the queue on a fresh worker; a row that was in flight at every death
+The caller submits requests and polls for completions. When the worker dies or hangs, the
+rows it held go back to a fresh worker; a row that was in flight at `max_attempts` deaths
 fails alone with a clear error instead of killing the job.
 """
 
@@ -44,6 +44,8 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
     results.put(("ready", backend.device()))
 
     def incoming() -> Iterator[GenerationRequest]:
+        # Blocks only while the parent has nothing to send; the parent keeps more requests
+        # in flight than the backend has slots, and sends None when its input has ended.
         while (item := requests.get()) is not None:
             yield item
 
@@ -54,7 +56,7 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
 
 
 class ModelWorker:
-    """One worker process holding one loaded model; restarted when it dies."""
+    """One worker process holding one loaded model; restarted when it dies or hangs."""
 
     def __init__(self, settings: ModelSettings, hang_timeout_s: float = 300.0, max_attempts: int = 2,
                  load_timeout_s: float = 600.0):
@@ -66,15 +68,22 @@ class ModelWorker:
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
         self._proc: mp.Process | None = None
+        self._pending: dict[int, GenerationRequest] = {}
+        self._attempts: dict[int, int] = {}
+        self._failed: deque[Completion] = deque()
+        self._input_ended = False
+        self._last_message = time.monotonic()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._failed)
 
     def start(self) -> str:
         """Start the process and wait until the model is loaded; returns the device description."""
         self._requests = self._ctx.Queue()
         self._results = self._ctx.Queue()
-        self._proc = self._ctx.Process(
-            target=_worker_main, args=(self.settings, self._requests, self._results), daemon=True,
-            name="tokenmill-worker",
-        )
+        self._proc = self._ctx.Process(target=_worker_main, args=(self.settings, self._requests, self._results),
+                                       daemon=True, name="tokenmill-worker")
         self._proc.start()
         deadline = time.monotonic() + self.load_timeout_s
         while time.monotonic() < deadline:
@@ -82,82 +91,99 @@ class ModelWorker:
                 kind, payload = self._results.get(timeout=0.5)
             except queue.Empty:
                 if not self._proc.is_alive():
-                    raise ModelError(
-                        f"the model worker died while loading {self.settings.model_path} "
-                        f"(exit code {self._proc.exitcode})"
-                    ) from None
+                    raise ModelError(f"the model worker died while loading {self.settings.model_path} "
+                                     f"(exit code {self._proc.exitcode})") from None
                 continue
             if kind == "load_error":
                 self._proc.join(5)
                 raise ModelError(payload)
             self.device = payload
+            self._last_message = time.monotonic()
             return payload
         self.stop()
         raise ModelError(f"loading {self.settings.model_path} took longer than {self.load_timeout_s:.0f} s")
 
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-        self._proc = None
-
-    def run(self, requests: Iterable[GenerationRequest], window: int = 64) -> Iterator[Completion]:
-        """Yield a Completion for every request, keeping up to `window` of them in flight."""
+    def submit(self, request: GenerationRequest) -> None:
         if self._proc is None:
             self.start()
-        source = iter(requests)
-        retry: deque[GenerationRequest] = deque()
-        pending: dict[int, GenerationRequest] = {}
-        attempts: dict[int, int] = {}
-        exhausted = ended = False
-        last_message = time.monotonic()
-        while True:
-            while not ended and len(pending) < window:
-                request = retry.popleft() if retry else (None if exhausted else next(source, None))
-                if request is None:
-                    exhausted = True
-                    if not retry:
-                        self._requests.put(None)  # lets the worker finish its last rows
-                        ended = True
-                    break
-                pending[request.index] = request
-                self._requests.put(request)
-            if not pending:
-                break
-            try:
-                kind, payload = self._results.get(timeout=0.5)
-            except queue.Empty:
-                hung = time.monotonic() - last_message > self.hang_timeout_s
-                if self._proc is not None and self._proc.is_alive() and not hung:
-                    continue
-                yield from self._recover(pending, attempts, retry, hung)
-                ended = False
-                last_message = time.monotonic()
-                continue
-            last_message = time.monotonic()
-            if kind == "done":
-                pending.pop(payload.index, None)
-                yield payload
+        self._pending[request.index] = request
+        self._requests.put(request)
 
-    def _recover(self, pending: dict[int, GenerationRequest], attempts: dict[int, int],
-                 retry: deque[GenerationRequest], hung: bool) -> Iterator[Completion]:
-        """The worker died or hung: fail rows that have had enough tries, requeue the rest."""
+    def end_input(self) -> None:
+        """No more requests: let the worker finish its last rows instead of waiting for more."""
+        self._input_ended = True
+        if self._proc is not None:
+            self._requests.put(None)
+
+    def poll(self, timeout: float = 0.5) -> list[Completion]:
+        """Completions that arrived within `timeout` (all that are ready, at least one if any)."""
+        done = list(self._failed)
+        self._failed.clear()
+        if not self._pending:
+            return done
+        items = []
+        try:
+            items.append(self._results.get(timeout=timeout))
+            while True:
+                items.append(self._results.get_nowait())
+        except queue.Empty:
+            pass
+        if not items:
+            hung = time.monotonic() - self._last_message > self.hang_timeout_s
+            if self._proc is None or not self._proc.is_alive() or hung:
+                self._recover(hung)
+                done.extend(self._failed)
+                self._failed.clear()
+            return done
+        self._last_message = time.monotonic()
+        for kind, payload in items:
+            if kind == "done" and self._pending.pop(payload.index, None) is not None:
+                done.append(payload)
+        return done
+
+    def _recover(self, hung: bool) -> None:
+        """The worker died or hung: fail rows that have had enough tries, resend the rest."""
         exitcode = self._proc.exitcode if self._proc is not None else None
         self.stop()
         self.restarts += 1
         cause = (f"the model worker produced nothing for {self.hang_timeout_s:.0f} s and was stopped" if hung
                  else f"the model worker died (exit code {exitcode})")
-        for index, request in list(pending.items()):
-            attempts[index] = attempts.get(index, 0) + 1
-            if attempts[index] >= self.max_attempts:
-                del pending[index]
-                yield Completion(index, None, "error",
-                                 f"{cause} while generating this row, {attempts[index]} times; "
-                                 "the row may trigger a runtime bug")
+        retry = []
+        for index, request in self._pending.items():
+            self._attempts[index] = self._attempts.get(index, 0) + 1
+            if self._attempts[index] >= self.max_attempts:
+                self._failed.append(Completion(index, None, "error", f"{cause} while generating this row, "
+                                               f"{self._attempts[index]} times; the row may trigger a runtime bug"))
             else:
                 retry.append(request)
-        pending.clear()
-        self.start()
+        self._pending.clear()
+        if retry or not self._input_ended:
+            self.start()
+            for request in retry:
+                self.submit(request)
+            if self._input_ended:
+                self._requests.put(None)
+
+    def run(self, requests: Iterable[GenerationRequest], window: int = 64) -> Iterator[Completion]:
+        """Convenience: a Completion for every request, keeping up to `window` in flight."""
+        source = iter(requests)
+        while True:
+            while not self._input_ended and self.in_flight < window:
+                request = next(source, None)
+                if request is None:
+                    self.end_input()
+                else:
+                    self.submit(request)
+            if not self.in_flight:
+                return
+            yield from self.poll()
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+        if self._proc is not None:
+            self._proc.join(5)
+        self._proc = None
 
     def close(self) -> None:
         self.stop()

@@ -21,18 +21,42 @@ class RunStats:
     rows_total: int = 0
     rows_ok: int = 0
     rows_error: int = 0
-    prompt_tokens: int = 0
+    rows_generated: int = 0  # sent to the model in this run
+    rows_cached: int = 0  # found in the cross-run cache
+    rows_duplicate: int = 0  # same key as another row of this input
+    rows_resumed: int = 0  # already in the output folder from an earlier run
+    rows_skipped: int = 0  # never sent: empty text or a template error
+    prompt_tokens: int = 0  # tokens the model processed in this run
     cached_tokens: int = 0
     completion_tokens: int = 0
+    tokens_saved: int = 0  # prompt + completion tokens of rows reused instead of generated
     _t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, ok: bool, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
+    def add_generation(self, completion) -> None:
+        """Count what the model did for one request."""
+        self.prompt_tokens += completion.prompt_tokens
+        self.cached_tokens += completion.cached_tokens
+        self.completion_tokens += completion.completion_tokens
+
+    def add_result(self, result: dict) -> None:
+        """Count one finished results row by status and by how it was produced."""
         self.rows_total += 1
-        self.rows_ok += ok
-        self.rows_error += not ok
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.cached_tokens += cached_tokens
+        self.rows_ok += result["status"] == "ok"
+        self.rows_error += result["status"] != "ok"
+        produced, mine = result.get("produced"), result.get("run_id") == self.run_id
+        if produced == "skipped":
+            self.rows_skipped += 1
+            return
+        if produced == "generated" and mine:
+            self.rows_generated += 1
+            return
+        if produced == "cached":
+            self.rows_cached += 1
+        elif produced == "duplicate" and mine:
+            self.rows_duplicate += 1
+        else:
+            self.rows_resumed += 1
+        self.tokens_saved += (result.get("prompt_tokens") or 0) + (result.get("completion_tokens") or 0)
 
     @property
     def wall_s(self) -> float:
@@ -52,9 +76,15 @@ class RunStats:
             "rows_total": self.rows_total,
             "rows_ok": self.rows_ok,
             "rows_error": self.rows_error,
+            "rows_generated": self.rows_generated,
+            "rows_cached": self.rows_cached,
+            "rows_duplicate": self.rows_duplicate,
+            "rows_resumed": self.rows_resumed,
+            "rows_skipped": self.rows_skipped,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
+            "tokens_saved": self.tokens_saved,
             "wall_s": wall,
             "tokens_per_s": self.tokens / wall if wall > 0 else 0.0,
             "completion_tokens_per_s": self.completion_tokens / wall if wall > 0 else 0.0,
@@ -67,8 +97,26 @@ class RunStats:
 
     def summary_line(self, out: str) -> str:
         wall = self.wall_s
-        errors = f" ({self.rows_error} with errors)" if self.rows_error else ""
+        errors = f", {self.rows_error} with errors" if self.rows_error else ""
+        reused = self.rows_total - self.rows_generated - self.rows_skipped
         return (
-            f"{self.rows_total} rows{errors}, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
+            f"{self.rows_total} rows ({self.rows_generated} generated, {reused} reused{errors}), {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
             f"{self.tokens / wall if wall > 0 else 0:.1f} tokens/s, {wall:.1f} s; results in {out}"
         )
+
+
+@dataclass
+class Prices:
+    """What a paid API would charge, in USD per million tokens: an estimate, not a bill.
+
+    The defaults are a small hosted model's list prices (input 0.15, output 0.60); set your
+    own per job. Only tokens generated in the run count.
+    """
+
+    input_per_mtok: float = 0.15
+    output_per_mtok: float = 0.60
+
+    def estimate(self, stats: RunStats) -> dict:
+        cost = (stats.prompt_tokens * self.input_per_mtok + stats.completion_tokens * self.output_per_mtok) / 1e6
+        return {"cost_avoided_usd": cost, "cost_estimate_basis": (
+            f"estimate: {self.input_per_mtok} USD/M input tokens, {self.output_per_mtok} USD/M output tokens")}

@@ -38,30 +38,38 @@ def prepare_out_dir(out: Path) -> Path:
 
 
 class PartWriter:
-    """Numbered Parquet parts under OUT/parts/, one per finished chunk of rows."""
+    """This run's numbered Parquet parts under OUT/parts/, one per finished chunk of rows."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, run_id: str):
         self.dir = out / PARTS_DIR
-        self.count = len(list(self.dir.glob("part-*.parquet")))
+        self.prefix = f"part-{run_id[:8]}"
+        self.count = 0
 
     def write(self, df: pl.DataFrame) -> Path:
-        path = self.dir / f"part-{self.count:06d}.parquet"
+        path = self.dir / f"{self.prefix}-{self.count:06d}.parquet"
         write_atomic(df, path)
         self.count += 1
         return path
 
-    def merge(self, target: Path, order_by: str) -> pl.DataFrame:
-        """Merge every part into `target` in input order, then remove the parts."""
-        parts = sorted(self.dir.glob("part-*.parquet"))
-        merged = pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed").sort(order_by)
-        write_atomic(merged, target)
-        for p in parts:
-            p.unlink()
+    def merge(self, target: Path, order_by: str) -> None:
+        """Merge this run's parts into `target` in input order, then remove every part.
+
+        This run's parts hold a result for every input row (rows reused from earlier runs
+        included), so parts left by earlier, killed runs are no longer needed.
+        """
+        mine = sorted(self.dir.glob(f"{self.prefix}-*.parquet"))
+        if mine:
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            pl.scan_parquet(mine).sort(order_by).sink_parquet(tmp)
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        for part in self.dir.glob("*.parquet"):
+            part.unlink()
         try:
             self.dir.rmdir()
         except OSError:
-            pass
-        return merged
+            pass  # something else lives there: leave it
 
 
 def append_row(path: Path, row: dict) -> pl.DataFrame:

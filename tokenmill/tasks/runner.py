@@ -19,12 +19,14 @@ from tqdm import tqdm
 from tokenmill.errors import InputError, TemplateError
 from tokenmill.io.parts import PartWriter, append_row, prepare_out_dir
 from tokenmill.io.readers import ROW, InputTable
-from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, default_cache_dir
+from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
 from tokenmill.pool import ModelWorker
 from tokenmill.prompts import STANDARD_VARIABLES, ChatTemplate, TaskTemplate, load_task_template
-from tokenmill.usage import RunStats
+from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
+from tokenmill.usage import Prices, RunStats
 
 
 @dataclass
@@ -48,6 +50,12 @@ class JobConfig:
     chunk_size: int = 32
     max_words: int = 40
     hang_timeout_s: float = 300.0
+    strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
+    retry_errors: bool = True
+    cache: bool = True
+    cache_dir: str | None = None
+    price_input_per_mtok: float = 0.15
+    price_output_per_mtok: float = 0.60
 
     def validate(self) -> None:
         if self.max_tokens <= 0:
@@ -66,7 +74,7 @@ class TaskSpec:
 
     name: str  # also the prompts/ subfolder
     output_column: str
-    parse: Callable[[str], Any] = str.strip
+    parse: Callable[[str], Any] = str
     output_dtype: Any = pl.String
     stop: list[str] = field(default_factory=list)
 
@@ -100,6 +108,7 @@ class Job:
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
             "stop": task.stop, "task": task.name,
         }
+        self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
         first = next(self.table.chunks(1)).row(0, named=True)
         self.render(first)  # a template that cannot render the first row fails before any generation
 
@@ -131,97 +140,129 @@ class Job:
 
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
-        """Generate every row, writing parts as they finish; then merge and record usage."""
-        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.config.backend)
+        """Generate every row not already done, writing parts as they finish; merge; record usage."""
+        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.config.backend,
+                         device="none (no rows generated)")
         if run_id:
             stats.run_id = run_id
-        worker = ModelWorker(self.settings(), hang_timeout_s=self.config.hang_timeout_s)
-        writer = PartWriter(self.out)
-        buffered: list[dict] = []
-        meta: dict[int, dict] = {}
-        bar = tqdm(total=self.table.rows, unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        lock = OutputLock(self.out)
+        lock.acquire()
         try:
-            stats.device = worker.start()
-            for result in self._results(worker, meta):
-                buffered.append(result)
-                stats.add(result["status"] == "ok", result["prompt_tokens"], result["completion_tokens"],
-                          result["cached_tokens"])
-                bar.update(1)
-                bar.set_postfix_str(f"{stats.tokens / max(stats.wall_s, 1e-9):.0f} tok/s", refresh=False)
-                if len(buffered) >= self.config.chunk_size:
-                    writer.write(self._frame(buffered))
-                    buffered.clear()
-                    if on_chunk:
-                        on_chunk(stats)
+            self._run_locked(stats, progress, on_chunk)
+        finally:
+            lock.release()
+        return stats
+
+    def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None) -> None:
+        c = self.config
+        ledger = Ledger.load(self.out)
+        cache = ResultCache(Path(c.cache_dir) if c.cache_dir else default_cache_dir()) if c.cache else None
+        worker = ModelWorker(self.settings(), hang_timeout_s=c.hang_timeout_s)
+        writer = PartWriter(self.out, stats.run_id)
+        buffered: list[dict] = []
+        bar = tqdm(total=self.table.rows, unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+        def emit(result: dict) -> None:
+            buffered.append(result)
+            stats.add_result(result)
+            bar.update(1)
+            bar.set_postfix_str(f"{stats.tokens / max(stats.wall_s, 1e-9):.0f} tok/s", refresh=False)
+            if len(buffered) >= c.chunk_size:
+                writer.write(self._frame(buffered))
+                buffered.clear()
+                if on_chunk:
+                    on_chunk(stats)
+
+        try:
+            self._generate(worker, ledger, cache, stats, emit)
             if buffered:
                 writer.write(self._frame(buffered))
         finally:
             bar.close()
             worker.close()
-        writer.merge(self.out / "results.parquet", order_by="row")
-        append_row(self.out / "usage.parquet", stats.row(input=str(self.config.input), task=self.task.name,
-                                                         params=json.dumps(self.params)))
-        return stats
+            if cache:
+                cache.close()
+        stats.device = worker.device if worker.device != "unknown" else stats.device
+        writer.merge(self.out / RESULTS_FILE, order_by="row")
+        append_row(self.out / "usage.parquet", stats.row(
+            input=str(c.input), task=self.task.name, params=json.dumps(self.params),
+            **self.prices.estimate(stats)))
 
-    def _requests(self, meta: dict[int, dict], immediate: list[dict]) -> Iterator[GenerationRequest]:
-        """Render rows chunk by chunk; rows that cannot be sent become error results at once."""
+    def _generate(self, worker: ModelWorker, ledger: Ledger, cache: ResultCache | None, stats: RunStats,
+                  emit: Callable[[dict], None]) -> None:
+        """Feed the worker the rows nobody has generated yet; reuse or fan out the rest."""
+        window = max(64, 4 * (self.config.n_seq or 16))  # more than the backend's slots, see pool.py
+        in_flight: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
+        by_index: dict[int, str] = {}
+        done: dict[str, dict] = {}  # this run's generations, for duplicates later in the input
+        rows = self._prepared_rows()
+        exhausted = False
+        while True:
+            while not exhausted and worker.in_flight < window:
+                item = next(rows, None)
+                if item is None:
+                    exhausted = True
+                    worker.end_input()
+                    break
+                info, prompt, error = item
+                key = info["row_key"]
+                if error is not None:
+                    emit(self._finish({**info, "raw_output": None, "finish_reason": "error", "error": error,
+                                       "model": self.model_info.name, "run_id": stats.run_id}, info, SKIPPED))
+                elif key in done:
+                    emit(self._finish(done[key], info, DUPLICATE))
+                elif key in in_flight:
+                    in_flight[key].append(info)
+                elif (record := ledger.get(key, self.config.retry_errors)) is not None:
+                    emit(self._finish(record, info))
+                elif cache is not None and (record := cache.get(key)) is not None:
+                    emit(self._finish(record, info, CACHED))
+                else:
+                    in_flight[key] = [info]
+                    by_index[info["row"]] = key
+                    worker.submit(GenerationRequest(
+                        index=info["row"], prompt=prompt, max_tokens=self.config.max_tokens,
+                        temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop)))
+            if exhausted and not worker.in_flight:
+                return
+            for completion in worker.poll():
+                key = by_index.pop(completion.index)
+                waiting = in_flight.pop(key)
+                record = from_completion(waiting[0], completion, self.model_info.name, stats.run_id)
+                stats.add_generation(completion)
+                if cache is not None:
+                    cache.put(record)
+                done[key] = record
+                emit(self._finish(record, waiting[0]))
+                for info in waiting[1:]:
+                    emit(self._finish(record, info, DUPLICATE))
+
+    def _prepared_rows(self) -> Iterator[tuple[dict, str | None, str | None]]:
+        """(row info, rendered prompt, error) for every input row, chunk by chunk."""
         c = self.config
         for chunk in self.table.chunks(c.chunk_size):
             for row in chunk.iter_rows(named=True):
                 index = row[ROW]
-                ident = row[c.id_column] if c.id_column else index
-                info = {"row": index, "id": ident, "row_key": None}
-                meta[index] = info
+                info = {"row": index, "id": row[c.id_column] if c.id_column else index, "row_key": None}
                 text = row.get(self.table.column)
                 if text is None or (isinstance(text, str) and not text.strip()):
-                    immediate.append(self._error_result(info, f"column {self.table.column!r} is empty in this row"))
+                    yield info, None, f"column {self.table.column!r} is empty in this row"
                     continue
                 try:
                     prompt = self.render(row)
                 except TemplateError as exc:
-                    immediate.append(self._error_result(info, str(exc)))
+                    yield info, None, str(exc)
                     continue
                 info["row_key"] = row_key(self.model_sha, prompt, self.params)
-                yield GenerationRequest(index=index, prompt=prompt, max_tokens=c.max_tokens,
-                                        temperature=c.temperature, seed=c.seed, stop=list(self.task.stop))
+                yield info, prompt, None
 
-    def _results(self, worker: ModelWorker, meta: dict[int, dict]) -> Iterator[dict]:
-        immediate: list[dict] = []
-        window = max(64, 4 * (self.config.n_seq or 16))
-        for completion in worker.run(self._requests(meta, immediate), window=window):
-            while immediate:
-                yield immediate.pop()
-            yield self._result(meta.pop(completion.index), completion)
-        yield from immediate
-
-    def _result(self, info: dict, c: Completion) -> dict:
-        ok = c.finish_reason != "error"
-        output, error = None, c.error
-        if ok:
-            try:
-                output = self.task.parse(c.text or "")
-            except Exception as exc:  # a parser failure keeps the row, as an error with its raw text
-                ok, error = False, f"could not parse the model's output: {exc}"
-        return {
-            **info, self.task.output_column: output, "status": "ok" if ok else "error", "error": error,
-            "finish_reason": c.finish_reason, "raw_output": c.text,
-            "prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens,
-            "completion_tokens": c.completion_tokens,
-            "latency_ms": c.queue_ms + c.prompt_ms + c.decode_ms,
-            "queue_ms": c.queue_ms, "prompt_ms": c.prompt_ms, "decode_ms": c.decode_ms,
-            "model": self.model_info.name,
-        }
-
-    def _error_result(self, info: dict, message: str) -> dict:
-        return self._result(info, Completion(info["row"], None, "error", message))
+    def _finish(self, record: dict, info: dict, produced: str | None = None) -> dict:
+        parse = self.task.parse
+        if self.config.strip:
+            parse = lambda text, _parse=self.task.parse: _parse(text.strip())  # noqa: E731
+        return finish(record, info, self.task.output_column, parse, produced)
 
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
-        schema = {
-            "row": pl.Int64, "id": id_dtype, "row_key": pl.String, self.task.output_column: self.task.output_dtype,
-            "status": pl.String, "error": pl.String, "finish_reason": pl.String, "raw_output": pl.String,
-            "prompt_tokens": pl.Int64, "cached_tokens": pl.Int64, "completion_tokens": pl.Int64,
-            "latency_ms": pl.Float64, "queue_ms": pl.Float64, "prompt_ms": pl.Float64, "decode_ms": pl.Float64,
-            "model": pl.String,
-        }
-        return pl.DataFrame(rows, schema=schema)
+        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype)
+        return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)

@@ -1,0 +1,126 @@
+"""Never lose or repeat work: resume after kill -9, rerun, duplicates, grown input, re-parse, cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from tests.conftest import REPO, scitldr_rows
+
+FAST = ("--max-tokens", "16", "--chunk-size", "4")
+
+
+def _usage(out) -> list[dict]:
+    return pl.read_parquet(out / "usage.parquet").to_dicts()
+
+
+def _write(rows: list[dict], path):
+    pl.DataFrame(rows).write_parquet(path)
+    return path
+
+
+def test_resume_after_kill_loses_no_rows(prefect_server, tmp_path):
+    data = _write(scitldr_rows(40), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flows.summarize", str(data), "--out", str(out), "--no-cache", "--no-progress", *FAST]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"]}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((out / "parts").glob("*.parquet"))) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: CLI, Prefect, model worker
+    proc.wait()
+    written = pl.concat([pl.read_parquet(p) for p in (out / "parts").glob("*.parquet")])
+    assert 0 < written.height < 40
+    assert not (out / "results.parquet").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["row"].to_list() == list(range(40))
+    assert results["status"].to_list() == ["ok"] * 40
+    run = _usage(out)[-1]
+    assert run["rows_generated"] <= 40 - written["row"].n_unique()
+    assert run["rows_resumed"] >= written["row"].n_unique()
+    assert not list((out / "parts").glob("*.parquet")) if (out / "parts").exists() else True
+
+
+@pytest.fixture(scope="module")
+def finished_job(run_flow, tmp_path_factory):
+    """12 rows summarized once into an output folder."""
+    tmp = tmp_path_factory.mktemp("finished")
+    data = _write(scitldr_rows(12), tmp / "in.parquet")
+    out = tmp / "out"
+    first = run_flow("summarize", str(data), "--out", str(out), "--no-cache", *FAST)
+    assert first.returncode == 0, first.stderr
+    return data, out
+
+
+def test_rerunning_a_finished_job_generates_nothing(run_flow, finished_job):
+    data, out = finished_job
+    before = pl.read_parquet(out / "results.parquet")
+    started = time.monotonic()
+    again = run_flow("summarize", str(data), "--out", str(out), "--no-cache", *FAST)
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - started < 60
+    run = _usage(out)[-1]
+    assert run["rows_generated"] == 0 and run["rows_resumed"] == 12 and run["prompt_tokens"] == 0
+    assert run["device"].startswith("none")
+    after = pl.read_parquet(out / "results.parquet")
+    assert after.select("row_key", "summary", "run_id").equals(before.select("row_key", "summary", "run_id"))
+
+
+def test_changing_the_parser_reparses_without_generating(run_flow, finished_job, tmp_path):
+    data, out = finished_job
+    reparsed = run_flow("summarize", str(data), "--out", str(out), "--no-cache", "--no-strip", *FAST)
+    assert reparsed.returncode == 0, reparsed.stderr
+    assert _usage(out)[-1]["rows_generated"] == 0
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["summary"].to_list() == results["raw_output"].to_list()
+
+
+def test_appended_rows_are_the_only_ones_generated(run_flow, finished_job, tmp_path):
+    data, out = finished_job
+    grown = _write(scitldr_rows(24), tmp_path / "grown.parquet")
+    result = run_flow("summarize", str(grown), "--out", str(out), "--no-cache", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert _usage(out)[-1]["rows_generated"] == 12
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["row"].to_list() == list(range(24)) and results["status"].to_list() == ["ok"] * 24
+
+
+def test_duplicate_texts_are_generated_once(run_flow, tmp_path):
+    unique = scitldr_rows(14)
+    rows = unique + [unique[i] for i in (0, 3, 3, 7, 10, 13)]  # 6 of 20 rows (30 %) repeat a text
+    data = _write(rows, tmp_path / "dups.parquet")
+    out = tmp_path / "out"
+    result = run_flow("summarize", str(data), "--out", str(out), "--no-cache", *FAST)
+    assert result.returncode == 0, result.stderr
+    run = _usage(out)[-1]
+    assert run["rows_generated"] == 14 and run["rows_duplicate"] == 6
+    results = pl.read_parquet(out / "results.parquet")
+    by_key = results.group_by("row_key").agg(pl.col("summary").n_unique().alias("n"), pl.len().alias("rows"))
+    assert by_key.height == 14 and (by_key["n"] == 1).all()
+    assert results.filter(pl.col("produced") == "duplicate").height == 6
+
+
+def test_shared_cache_reuses_results_across_output_folders(run_flow, tmp_path):
+    data = _write(scitldr_rows(6), tmp_path / "in.parquet")
+    cache = tmp_path / "cache"
+    first = run_flow("summarize", str(data), "--out", str(tmp_path / "a"), "--cache", str(cache), *FAST)
+    second = run_flow("summarize", str(data), "--out", str(tmp_path / "b"), "--cache", str(cache), *FAST)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    run = _usage(tmp_path / "b")[-1]
+    assert run["rows_generated"] == 0 and run["rows_cached"] == 6
+    assert run["tokens_saved"] > 0
+    a = pl.read_parquet(tmp_path / "a" / "results.parquet")["summary"]
+    b = pl.read_parquet(tmp_path / "b" / "results.parquet")["summary"]
+    assert a.equals(b)
