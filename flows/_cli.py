@@ -24,7 +24,7 @@ EXIT_STATUS_HELP = """exit status:
   1    the job could not run (the reason is printed on one line)
   2    bad command-line usage
   3    finished with row errors: see the status and error columns of results.parquet
-  130  interrupted (Ctrl-C); parts written so far are kept in OUT/parts
+  130  interrupted (Ctrl-C); finished rows are kept: run the same command again to continue
 """
 
 
@@ -61,6 +61,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="USD per million prompt tokens for the cost_avoided_usd estimate (default 0.15)")
     p.add_argument("--price-output", type=float, default=0.60,
                    help="USD per million completion tokens for the cost_avoided_usd estimate (default 0.60)")
+    p.add_argument("--worker-timeout", type=float, default=300.0,
+                   help="seconds without any output after which the model worker counts as hung and is "
+                        "restarted (default 300)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")
     p.add_argument("--debug", action="store_true", help="print tracebacks for errors")
@@ -74,7 +77,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers,
         backend=args.backend, chunk_size=args.chunk_size, strip=args.strip, retry_errors=args.retry_errors,
         cache=not args.no_cache, cache_dir=args.cache, price_input_per_mtok=args.price_input,
-        price_output_per_mtok=args.price_output, **extra,
+        price_output_per_mtok=args.price_output, hang_timeout_s=args.worker_timeout, **extra,
     )
 
 
@@ -102,7 +105,13 @@ def run_cli(prog: str, main: Callable[[argparse.Namespace], int], parser: argpar
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        out = f" --out {args.out}" if args.out else ""
-        print(f"{prog}: interrupted; rows finished so far are kept as Parquet parts under the output folder{out}",
-              file=sys.stderr)
+        out = f" (--out {args.out})" if args.out else ""
+        print(f"{prog}: interrupted; rows finished so far are kept in the output folder{out}. "
+              "Run the same command again to continue where it stopped.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED

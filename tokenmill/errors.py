@@ -9,6 +9,10 @@ class InputError(TokenmillError):
     """The input file, a column or an option is unusable."""
 
 
+class OutputError(TokenmillError):
+    """The output folder cannot be written (full disk, permissions, another job's results)."""
+
+
 class TemplateError(TokenmillError):
     """A prompt or chat template cannot be loaded or rendered."""
 

@@ -7,23 +7,35 @@ from pathlib import Path
 
 import polars as pl
 
-from tokenmill.errors import InputError
+from tokenmill.errors import OutputError
 
 PARTS_DIR = "parts"
+
+
+def _reason(exc: Exception) -> str:
+    """The OS's words for a failed write; Polars wraps them in its own message."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text.split("underlying IO error: ")[-1].split(" (os error")[0]
 
 
 def write_atomic(df: pl.DataFrame, path: Path) -> None:
     """Write to a temporary name, fsync, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.write_parquet(tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        df.write_parquet(tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write {path}: {_reason(exc)}; files already written in {path.parent} are kept; "
+            "free space or fix the folder, then run the same command again to continue") from None
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -31,9 +43,9 @@ def prepare_out_dir(out: Path) -> Path:
     try:
         (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create output folder {out}: {exc.strerror or exc}; choose another with --out") from None
+        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}; choose another with --out") from None
     if not os.access(out, os.W_OK):
-        raise InputError(f"output folder {out} is not writable; choose another with --out")
+        raise OutputError(f"output folder {out} is not writable; choose another with --out")
     return out
 
 
@@ -60,10 +72,15 @@ class PartWriter:
         mine = sorted(self.dir.glob(f"{self.prefix}-*.parquet"))
         if mine:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            pl.scan_parquet(mine).sort(order_by).sink_parquet(tmp)
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            try:
+                pl.scan_parquet(mine).sort(order_by).sink_parquet(tmp)
+                with tmp.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise OutputError(f"cannot write {target}: {_reason(exc)}; the parts in {self.dir} are kept; "
+                                  "free space, then run the same command again to finish") from None
         for part in self.dir.glob("*.parquet"):
             part.unlink()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +15,28 @@ FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": 
 ROW = "__row"  # the row's position in the input, carried through to the results
 
 
+def input_files(spec: str | Path) -> list[Path]:
+    """INPUT as a list of files: one file, every data file of a directory, or a glob pattern."""
+    text = str(spec)
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text))
+        if not files:
+            raise InputError(f"no file matches the pattern {text}")
+    elif Path(text).is_dir():
+        files = sorted(p for p in Path(text).iterdir() if p.suffix.lower() in FORMATS)
+        if not files:
+            raise InputError(f"input folder {text} holds no .parquet, .csv, .jsonl or .ndjson file")
+    else:
+        files = [Path(text)]
+    kinds = {FORMATS.get(p.suffix.lower()) for p in files}
+    if len(kinds) > 1:
+        raise InputError(f"input {text} mixes file types ({', '.join(sorted(str(k) for k in kinds))}); "
+                         "point INPUT at files of one type")
+    return files
+
+
 def scan_input(path: Path) -> pl.LazyFrame:
-    """A lazy frame over INPUT, chosen by extension; nothing is read yet."""
+    """A lazy frame over one input file, chosen by extension; nothing is read yet."""
     if not path.exists():
         raise InputError(f"input file not found: {path}")
     if path.is_dir():
@@ -35,8 +56,35 @@ def scan_input(path: Path) -> pl.LazyFrame:
     return pl.scan_ndjson(path, infer_schema_length=10_000)
 
 
+def scan_inputs(files: list[Path]) -> pl.LazyFrame:
+    """One lazy frame over every input file, in order; their schemas must agree."""
+    frames = [scan_input(p) for p in files]
+    if len(frames) == 1:
+        return frames[0]
+    first = _schema(frames[0], files[0])
+    for frame, path in zip(frames[1:], files[1:]):
+        schema = _schema(frame, path)
+        if schema != first:
+            diff = sorted(set(first.items()) ^ set(schema.items()))
+            raise InputError(f"{path} does not have the same columns as {files[0]} "
+                             f"(differences: {', '.join(f'{n}: {t}' for n, t in diff)}); "
+                             "inputs read together must share one schema")
+    return pl.concat(frames, how="vertical")
+
+
+def _schema(frame: pl.LazyFrame, path: Path) -> pl.Schema:
+    try:
+        return frame.collect_schema()
+    except Exception as exc:  # Polars raises several types for corrupt or malformed files
+        raise _describe_read_error(path, exc) from None
+
+
 def _describe_read_error(path: Path, exc: Exception) -> InputError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = str(exc).strip()
+    first_line = message.splitlines()[0] if message else type(exc).__name__
+    if "utf-8" in message.lower() or "utf8" in message.lower():
+        return InputError(f"cannot read {path}: it is not valid UTF-8 text ({first_line}); "
+                          "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
     return InputError(f"cannot read {path}: {first_line}")
 
 
@@ -44,7 +92,8 @@ def _describe_read_error(path: Path, exc: Exception) -> InputError:
 class InputTable:
     """An input file, its text column and id column, read in chunks of `chunk_size` rows."""
 
-    path: Path
+    path: Path  # INPUT as given, for messages
+    files: list[Path]
     column: str
     id_column: str | None
     schema: pl.Schema
@@ -53,7 +102,8 @@ class InputTable:
 
     @classmethod
     def open(cls, path: Path, column: str | None, id_column: str | None, limit: int | None = None) -> "InputTable":
-        lf = scan_input(path)
+        files = input_files(path)
+        lf = scan_inputs(files)
         try:
             schema = lf.collect_schema()
             rows = lf.select(pl.len()).collect().item()
@@ -68,7 +118,7 @@ class InputTable:
             rows = min(rows, limit)
         if rows == 0:
             raise InputError(f"input {path} has no rows")
-        return cls(path, chosen, id_column, schema, rows, limit)
+        return cls(path, files, chosen, id_column, schema, rows, limit)
 
     @property
     def columns(self) -> list[str]:
@@ -76,7 +126,7 @@ class InputTable:
 
     def chunks(self, chunk_size: int) -> Iterator[pl.DataFrame]:
         """Yield DataFrames of at most `chunk_size` rows, with the row position in `__row`."""
-        lf = scan_input(self.path).with_row_index(ROW)
+        lf = scan_inputs(self.files).with_row_index(ROW)
         if self.limit is not None:
             lf = lf.head(self.limit)
         try:

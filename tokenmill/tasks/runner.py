@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import polars as pl
 from tqdm import tqdm
 
-from tokenmill.errors import InputError, TemplateError
+from tokenmill.errors import InputError, OutputError, TemplateError
 from tokenmill.io.parts import PartWriter, append_row, prepare_out_dir
 from tokenmill.io.readers import ROW, InputTable
 from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, default_cache_dir
@@ -85,8 +85,26 @@ def row_key(model_sha: str, prompt: str, params: dict) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _default_out(input_path: Path, task: str) -> Path:
-    return input_path.parent / f"{input_path.stem}.{task}"
+def _default_out(input_spec: str, task: str) -> Path:
+    """A folder beside INPUT named after it; for a glob, beside the files it matches."""
+    path = Path(input_spec)
+    if any(ch in input_spec for ch in "*?["):
+        return path.parent / f"input.{task}"
+    return path.parent / f"{path.name if path.is_dir() else path.stem}.{task}"
+
+
+def check_out_dir_task(out: Path, task: str) -> None:
+    """Refuse an output folder that holds another kind of job's results."""
+    usage = out / "usage.parquet"
+    if not usage.exists():
+        return
+    try:
+        tasks = set(pl.read_parquet(usage, columns=["task"])["task"].drop_nulls().to_list())
+    except Exception:
+        raise OutputError(f"output folder {out} holds an unreadable usage.parquet; choose another --out") from None
+    if tasks and task not in tasks:
+        raise OutputError(f"output folder {out} holds results of a {'/'.join(sorted(tasks))} job, not {task}; "
+                          "choose another --out")
 
 
 class Job:
@@ -102,7 +120,9 @@ class Job:
         self.template = load_task_template(task.name, config.prompt)
         self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES)
         self.chat = self._chat_template()
-        self.out = prepare_out_dir(Path(config.out) if config.out else _default_out(Path(config.input), task.name))
+        self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
+        check_out_dir_task(self.out, task.name)
+        prepare_out_dir(self.out)
         self.model_sha = model_sha256(self.model_path)
         self.params = {
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
