@@ -10,6 +10,7 @@ import traceback
 from typing import Callable
 
 from tokenmill.errors import TokenmillError
+from tokenmill.models.family import FAMILIES
 from tokenmill.pool import BACKENDS
 from tokenmill.tasks.runner import JobConfig
 
@@ -38,7 +39,12 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output folder (default: a folder beside INPUT named after it)")
     p.add_argument("--prompt", help="task template: a name under prompts/<task>/ or a path to a Jinja file")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per row (default 256)")
+    p.add_argument("--prompt-family", choices=FAMILIES,
+                   help="template family (default: detected from the model's metadata); picks "
+                        "prompts/<task>/<family>.j2 and, for models without a chat template, prompts/chat/<family>.j2")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="print the fully rendered prompt of the first row (special tokens visible) and exit")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per row (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed per row (default 0)")
     p.add_argument("--limit", type=int, help="process only the first N rows")
@@ -73,7 +79,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
     return JobConfig(
         input=args.input, column=args.column, id_column=args.id_column, model=args.model, out=args.out,
-        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+        prompt=args.prompt, prompt_family=args.prompt_family, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
         limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers,
         backend=args.backend, chunk_size=args.chunk_size, strip=args.strip, retry_errors=args.retry_errors,
         cache=not args.no_cache, cache_dir=args.cache, price_input_per_mtok=args.price_input,

@@ -24,7 +24,7 @@ def _reference_prompt(text: str) -> str:
     """The prompt rebuilt independently: plain Jinja for the task, llama-cpp-python's chat formatter."""
     import jinja2
 
-    task = jinja2.Template((REPO / "prompts/summarize/default.j2").read_text()).render(text=text, max_words=40)
+    task = jinja2.Template((REPO / "prompts/summarize/smollm.j2").read_text()).render(text=text, max_words=40)
     llm = Llama(str(default_model_path()), vocab_only=True, verbose=False)
     formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
                                     bos_token="<|im_start|>")

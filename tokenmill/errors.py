@@ -21,6 +21,10 @@ class TemplateSecurityError(TemplateError):
     """A template tried to reach something the sandbox forbids."""
 
 
+class SchemaError(TokenmillError):
+    """A JSON schema or job spec is invalid or uses what tokenmill cannot constrain."""
+
+
 class ModelError(TokenmillError):
     """The model file is missing, unreadable or unsupported."""
 

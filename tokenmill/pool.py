@@ -42,6 +42,16 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
         results.put(("load_error", f"{type(exc).__name__}: {exc}"))
         return
     results.put(("ready", backend.device()))
+    last_beat = 0.0
+
+    def heartbeat() -> None:
+        nonlocal last_beat
+        now = time.monotonic()
+        if now - last_beat >= 1.0:
+            last_beat = now
+            results.put(("alive", None))
+
+    backend.on_step = heartbeat
 
     def incoming() -> Iterator[GenerationRequest]:
         # Blocks only while the parent has nothing to send; the parent keeps more requests

@@ -1,8 +1,9 @@
 """Prompt templates: found under prompts/, checked against the columns, rendered in a sandbox.
 
-Every template, ours, the user's and the chat template inside a GGUF file, is rendered by
-`jinja2.sandbox.ImmutableSandboxedEnvironment` with `StrictUndefined`, so a template can
-neither reach Python internals nor silently render a missing variable as "".
+Task templates live in `prompts/<task>/<family>.j2` with `default.j2` as fallback; the model's
+own chat template (or a family default from `prompts/chat/`) wraps the rendered task prompt.
+All of them render in `tokenmill.sandbox`: task templates with `StrictUndefined`, chat
+templates with a mode where a missing message key is falsy (real templates depend on it).
 """
 
 from __future__ import annotations
@@ -10,36 +11,30 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jinja2
 import jinja2.meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from tokenmill.errors import TemplateError, TemplateSecurityError
+from tokenmill.errors import TemplateError
+from tokenmill.models.family import DEFAULT, FAMILIES, detect_family
+from tokenmill.sandbox import compile_template, render_safely, sandbox
 
 PROMPTS_DIR = Path(os.environ.get("TOKENMILL_PROMPTS_DIR") or Path(__file__).resolve().parents[1] / "prompts")
 
 # Variables every task template may use besides the row's columns.
 STANDARD_VARIABLES = {"text", "row", "max_words"}
 
+# Variables a task supplies on top of STANDARD_VARIABLES (pass them to check_variables).
+TASK_VARIABLES: dict[str, set[str]] = {
+    "summarize": set(),
+    "extract": {"schema", "fields"},
+    "simulate": {"agent", "memory", "observation"},
+    "reduce": {"summaries"},
+}
 
-def _raise_exception(message: str) -> None:
-    # Chat templates call raise_exception() to reject malformed conversations.
-    raise TemplateError(f"chat template refused the conversation: {message}")
 
-
-def sandbox() -> ImmutableSandboxedEnvironment:
-    """A fresh sandboxed environment: no attribute walks, no mutation, strict undefined."""
-    env = ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.globals["raise_exception"] = _raise_exception
-    return env
+# --- task templates -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -54,48 +49,46 @@ class TaskTemplate:
         """The top-level names the template reads."""
         return jinja2.meta.find_undeclared_variables(sandbox().parse(self.source))
 
-    def check_variables(self, available: set[str]) -> None:
-        """Fail before any row is generated when the template reads a name nobody provides."""
-        missing = sorted(self.variables() - available - set(sandbox().globals))
+    def check_variables(self, available: set[str], task_variables: Iterable[str] = ()) -> None:
+        """Fail before any row is generated when the template reads a name nobody provides.
+
+        `available`: the row's columns and STANDARD_VARIABLES; `task_variables`: what the task adds
+        (TASK_VARIABLES[task]), listed with the standard ones in the error message.
+        """
+        extra = set(task_variables)
+        missing = sorted(self.variables() - available - extra - set(sandbox().globals))
         if missing:
-            columns = ", ".join(sorted(available - STANDARD_VARIABLES)) or "(none)"
+            columns = ", ".join(sorted(available - STANDARD_VARIABLES - extra)) or "(none)"
             raise TemplateError(
                 f"template {self.name} uses undefined variable {', '.join(repr(m) for m in missing)}; "
-                f"available: the row's columns ({columns}) and {', '.join(sorted(STANDARD_VARIABLES))}"
+                f"available: the row's columns ({columns}) and {', '.join(sorted(STANDARD_VARIABLES | extra))}"
             )
 
     def render(self, variables: Mapping[str, Any]) -> str:
         return render_safely(self.template, variables, self.name)
 
 
-def render_safely(template: jinja2.Template, variables: Mapping[str, Any], name: str) -> str:
-    """Render, turning sandbox and undefined-variable failures into tokenmill errors."""
-    try:
-        return template.render(**variables)
-    except SecurityError as exc:
-        raise TemplateSecurityError(f"template {name} tried an unsafe operation and was stopped: {exc}") from None
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(f"template {name}: {exc.message}") from None
-    except TemplateError:
-        raise
-    except Exception as exc:  # a template bug such as a bad filter argument
-        raise TemplateError(f"template {name} failed to render: {type(exc).__name__}: {exc}") from None
+def _family(family: str | None) -> str:
+    return family if family in FAMILIES else DEFAULT
 
 
-def compile_template(source: str, name: str) -> jinja2.Template:
-    try:
-        return sandbox().from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"template {name} has a syntax error on line {exc.lineno}: {exc.message}") from None
+def task_template_path(task: str, family: str | None = DEFAULT) -> Path:
+    """`prompts/<task>/<family>.j2` when shipped, else `prompts/<task>/default.j2`."""
+    path = PROMPTS_DIR / task / f"{_family(family)}.j2"
+    return path if path.is_file() else PROMPTS_DIR / task / "default.j2"
 
 
-def load_task_template(task: str, name_or_path: str | None = None) -> TaskTemplate:
-    """Load `prompts/<task>/<name>.j2` (default: default.j2) or a template file by path."""
+def load_task_template(task: str, name_or_path: str | None = None, family: str | None = DEFAULT) -> TaskTemplate:
+    """Load a task template: a file by path, `prompts/<task>/<name>.j2` by name, or, with neither,
+    the model family's `prompts/<task>/<family>.j2` falling back to `prompts/<task>/default.j2`."""
     if name_or_path and (os.sep in name_or_path or name_or_path.endswith((".j2", ".jinja", ".txt"))):
         path = Path(name_or_path).expanduser()
         label = str(path)
+    elif name_or_path:
+        path = PROMPTS_DIR / task / f"{name_or_path}.j2"
+        label = f"prompts/{task}/{path.name}"
     else:
-        path = PROMPTS_DIR / task / f"{name_or_path or 'default'}.j2"
+        path = task_template_path(task, family)
         label = f"prompts/{task}/{path.name}"
     if not path.is_file():
         shipped = sorted(p.stem for p in (PROMPTS_DIR / task).glob("*.j2"))
@@ -109,23 +102,58 @@ def load_task_template(task: str, name_or_path: str | None = None) -> TaskTempla
     return TaskTemplate(label, source, compile_template(source, label))
 
 
+# --- chat templates -----------------------------------------------------------------------------
+
+
+def chat_template_for(metadata: Mapping[str, str], family: str | None = None,
+                      model_label: str | None = None) -> tuple[str, str]:
+    """(source, name) of the chat template to use: the GGUF's own `tokenizer.chat_template`, or
+    for a GGUF without one `prompts/chat/<family>.j2` (else `prompts/chat/default.j2`, a plain
+    "User: ...\\nAssistant:"). `family` defaults to detect_family(metadata)."""
+    source = metadata.get("tokenizer.chat_template")
+    if source:
+        return source, f"the chat template inside {model_label or 'the model file'}"
+    family = _family(family if family is not None else detect_family(metadata))
+    path = PROMPTS_DIR / "chat" / f"{family}.j2"
+    if not path.is_file():
+        path = PROMPTS_DIR / "chat" / "default.j2"
+    label = f"prompts/chat/{path.name}"
+    try:
+        return path.read_text(encoding="utf-8"), label
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"cannot read chat template {label}: {exc}") from None
+
+
 class ChatTemplate:
     """The model's own chat template (GGUF `tokenizer.chat_template`), sandboxed."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "chat template"):
         self.name = name
-        self.template = compile_template(source, name)
+        self.source = source
+        self.template = compile_template(source, name, chat=True)
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    @classmethod
+    def for_model(cls, info: Any, family: str | None = None) -> "ChatTemplate":
+        """The chat template of a `ModelInfo`: its own, or its family's from prompts/chat/."""
+        source, name = chat_template_for(info.metadata, family, model_label=Path(info.path).name)
+        return cls(source, info.bos_token, info.eos_token, name=name)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        # The same variables llama-cpp-python's Jinja2ChatFormatter passes, except strftime_now:
+        # a prompt that changes with the date would defeat the result cache.
         return render_safely(
             self.template,
             {
                 "messages": messages,
-                "add_generation_prompt": True,
+                "add_generation_prompt": add_generation_prompt,
                 "bos_token": self.bos_token,
                 "eos_token": self.eos_token,
+                "functions": None,
+                "function_call": None,
+                "tools": None,
+                "tool_choice": None,
             },
             self.name,
         )

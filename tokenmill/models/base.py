@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -66,6 +66,9 @@ class Backend(Protocol):
     """A loaded model that turns a stream of requests into a stream of completions."""
 
     settings: ModelSettings
+    # Called by the backend after every model step (a decode call, a token); the worker uses
+    # it as a heartbeat, so a silent worker can be told from a slow one.
+    on_step: Callable[[], None] | None
 
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[Completion]:
         """Yield one Completion per request, in any order, as each finishes."""

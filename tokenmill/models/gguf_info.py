@@ -28,8 +28,11 @@ def load_llama(path: Path, **kwargs):
     """Load a `llama_cpp.Llama`, turning llama.cpp's load failures into a ModelError."""
     import llama_cpp
 
+    from tokenmill.sandbox import llama_cpp_without_chat_templates
+
     try:
-        with quiet_stderr():
+        # llama-cpp-python would compile the GGUF's chat template outside our sandbox.
+        with quiet_stderr(), llama_cpp_without_chat_templates():
             return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelError(

@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import load_llama
 
+from llama_cpp import LlamaGrammar, LogitsProcessorList
+
 
 def gpu_layers(requested: int) -> int:
     """-1 means every layer when this llama.cpp build can offload, none otherwise."""
@@ -32,6 +34,7 @@ class LlamaSimpleBackend:
 
     def __init__(self, settings: ModelSettings):
         self.settings = settings
+        self.on_step = None
         self.n_threads = settings.n_threads or os.cpu_count() or 1
         self.n_gpu_layers = gpu_layers(settings.n_gpu_layers)
         self.llm = load_llama(
@@ -76,6 +79,8 @@ class LlamaSimpleBackend:
             repeat_penalty=request.repeat_penalty,
             seed=request.seed,
             stop=request.stop or None,
+            grammar=LlamaGrammar.from_string(request.grammar, verbose=False) if request.grammar else None,
+            logits_processor=LogitsProcessorList([self._heartbeat]) if self.on_step else None,
         )
         choice = out["choices"][0]
         usage = out["usage"]
@@ -88,6 +93,10 @@ class LlamaSimpleBackend:
             completion_tokens=usage["completion_tokens"],
             decode_ms=elapsed,
         )
+
+    def _heartbeat(self, _input_ids, scores):
+        self.on_step()
+        return scores
 
     def close(self) -> None:
         self.llm.close()

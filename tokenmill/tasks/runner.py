@@ -24,7 +24,8 @@ from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
 from tokenmill.pool import ModelWorker
-from tokenmill.prompts import STANDARD_VARIABLES, ChatTemplate, TaskTemplate, load_task_template
+from tokenmill.models.family import FAMILIES, detect_family
+from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
 from tokenmill.usage import Prices, RunStats
 
@@ -39,6 +40,7 @@ class JobConfig:
     model: str | None = None
     out: str | None = None
     prompt: str | None = None
+    prompt_family: str | None = None  # None: detected from the model's metadata
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
@@ -49,6 +51,7 @@ class JobConfig:
     backend: str = "llama"
     chunk_size: int = 32
     max_words: int = 40
+    schema: str | None = None  # extraction: a JSON Schema file or a job spec holding one
     hang_timeout_s: float = 300.0
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
@@ -64,6 +67,8 @@ class JobConfig:
             raise InputError(f"--limit must be positive, got {self.limit}")
         if self.temperature < 0:
             raise InputError(f"--temperature must be 0 or more, got {self.temperature}")
+        if self.prompt_family is not None and self.prompt_family not in FAMILIES:
+            raise InputError(f"--prompt-family {self.prompt_family!r} is unknown; choose one of: {', '.join(FAMILIES)}")
         if self.chunk_size <= 0:
             raise InputError(f"--chunk-size must be positive, got {self.chunk_size}")
 
@@ -77,6 +82,9 @@ class TaskSpec:
     parse: Callable[[str], Any] = str
     output_dtype: Any = pl.String
     stop: list[str] = field(default_factory=list)
+    grammar: str | None = None  # GBNF constraining every row's output
+    variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
+    key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
@@ -110,34 +118,34 @@ def check_out_dir_task(out: Path, task: str) -> None:
 class Job:
     """A prepared run: input opened, model identified, templates checked, output folder ready."""
 
-    def __init__(self, config: JobConfig, task: TaskSpec):
+    def __init__(self, config: JobConfig, task: TaskSpec, create_out: bool = True):
         config.validate()
         self.config = config
         self.task = task
         self.table = InputTable.open(Path(config.input), config.column, config.id_column, config.limit)
         self.model_path = resolve_model(config.model)
         self.model_info = ModelInfo(self.model_path)
-        self.template = load_task_template(task.name, config.prompt)
-        self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES)
-        self.chat = self._chat_template()
+        self.family = config.prompt_family or detect_family(self.model_info.metadata)
+        self.template = load_task_template(task.name, config.prompt, family=self.family)
+        self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
+        self.chat = ChatTemplate.for_model(self.model_info, self.family)
         self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
-        check_out_dir_task(self.out, task.name)
-        prepare_out_dir(self.out)
+        if create_out:
+            check_out_dir_task(self.out, task.name)
+            prepare_out_dir(self.out)
         self.model_sha = model_sha256(self.model_path)
         self.params = {
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
-            "stop": task.stop, "task": task.name,
+            "stop": task.stop, "task": task.name, "grammar": task.grammar, **task.key,
         }
         self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
-        first = next(self.table.chunks(1)).row(0, named=True)
-        self.render(first)  # a template that cannot render the first row fails before any generation
+        self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
+        # (a template that cannot render the first row has failed here, before any generation)
 
-    def _chat_template(self) -> ChatTemplate | None:
-        source = self.model_info.chat_template
-        if not source:
-            return None
-        return ChatTemplate(source, self.model_info.bos_token, self.model_info.eos_token,
-                            name=f"the chat template inside {self.model_path.name}")
+    def describe_prompt(self) -> str:
+        """What --show-prompt prints after the prompt itself."""
+        return (f"{self.model_info.count_tokens(self.first_prompt)} tokens; family {self.family}; "
+                f"task template {self.template.name}; {self.chat.name}")
 
     def settings(self) -> ModelSettings:
         c = self.config
@@ -146,11 +154,10 @@ class Job:
 
     def render(self, row: dict) -> str:
         """The full prompt for one row: task template, then the model's chat template."""
-        variables = {**row, "text": row.get(self.table.column), "row": row, "max_words": self.config.max_words}
+        variables = {**row, **self.task.variables, "text": row.get(self.table.column), "row": row,
+                     "max_words": self.config.max_words}
         variables.pop(ROW, None)
         user = self.template.render(variables).strip()
-        if self.chat is None:
-            return user
         prompt = self.chat.wrap(user)
         # The tokenizer adds BOS itself; a template that also writes it would double it.
         bos = self.model_info.bos_token
@@ -197,6 +204,10 @@ class Job:
             self._generate(worker, ledger, cache, stats, emit)
             if buffered:
                 writer.write(self._frame(buffered))
+        except KeyboardInterrupt:
+            if buffered:  # rows already finished are worth keeping
+                writer.write(self._frame(buffered))
+            raise
         finally:
             bar.close()
             worker.close()
@@ -205,7 +216,7 @@ class Job:
         stats.device = worker.device if worker.device != "unknown" else stats.device
         writer.merge(self.out / RESULTS_FILE, order_by="row")
         append_row(self.out / "usage.parquet", stats.row(
-            input=str(c.input), task=self.task.name, params=json.dumps(self.params),
+            input=str(c.input), task=self.task.name, params=json.dumps(self.params), worker_restarts=worker.restarts,
             **self.prices.estimate(stats)))
 
     def _generate(self, worker: ModelWorker, ledger: Ledger, cache: ResultCache | None, stats: RunStats,
@@ -242,7 +253,8 @@ class Job:
                     by_index[info["row"]] = key
                     worker.submit(GenerationRequest(
                         index=info["row"], prompt=prompt, max_tokens=self.config.max_tokens,
-                        temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop)))
+                        temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
+                        grammar=self.task.grammar))
             if exhausted and not worker.in_flight:
                 return
             for completion in worker.poll():

@@ -7,6 +7,6 @@ from tokenmill.tasks.runner import Job, JobConfig, TaskSpec
 SUMMARIZE = TaskSpec(name="summarize", output_column="summary")
 
 
-def prepare_summarize(config: JobConfig) -> Job:
+def prepare_summarize(config: JobConfig, create_out: bool = True) -> Job:
     """Open the input, check the model and the templates; nothing is generated yet."""
-    return Job(config, SUMMARIZE)
+    return Job(config, SUMMARIZE, create_out=create_out)

@@ -1,0 +1,194 @@
+"""Faults and interruptions on the real engine: Ctrl-C, kill -9, two runs, hung or dead workers, disk full."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import REPO, scitldr_rows
+
+FAST = ["--max-tokens", "16", "--chunk-size", "2", "--no-cache", "--no-progress"]
+
+
+def _env(prefect_server) -> dict:
+    return {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"]}
+
+
+def _start(prefect_server, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.summarize", *args], cwd=REPO, env=_env(prefect_server),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early (exit {proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.1)
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted((out / "parts").glob("*.parquet")) if (out / "parts").exists() else []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _worker_pid(cli_pid: int) -> int | None:
+    for child in _children(cli_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+            return child
+    return None
+
+
+def _finish(prefect_server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.summarize", *args], cwd=REPO, env=_env(prefect_server),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    path = tmp_path / "in.parquet"
+    pl.DataFrame(scitldr_rows(24)).write_parquet(path)
+    return path
+
+
+def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["row"].to_list() == list(range(rows))
+    assert results["status"].to_list() == ["ok"] * rows
+    return results
+
+
+def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    _wait_for(lambda: len(_parts(out)) >= 2, proc)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Run the same command again to continue" in stderr.strip().splitlines()[-1]
+    assert _parts(out), "finished parts must be kept"
+    kept = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
+    again = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    assert again.returncode == 0, again.stderr
+    _assert_complete(out, 24)
+    assert pl.read_parquet(out / "usage.parquet")["rows_generated"][-1] <= 24 - kept
+
+
+def test_ten_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    rng = random.Random(7)
+    for _ in range(10):
+        proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+        time.sleep(rng.uniform(1.0, 8.0))  # anywhere: Prefect start, model load, mid-generation
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    final = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    assert final.returncode == 0, final.stderr
+    results = _assert_complete(out, 24)
+    assert results["row_key"].n_unique() == 24
+
+
+def test_a_second_run_on_the_same_folder_is_refused(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    first = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    _wait_for(lambda: (out / ".tokenmill.lock").exists(), first)
+    second = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    assert second.returncode == 1
+    line = second.stderr.strip().splitlines()[-1]
+    assert "in use by another run" in line and str(first.pid) in line
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    _assert_complete(out, 24)
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    _wait_for(lambda: (out / ".tokenmill.lock").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / ".tokenmill.lock").exists()
+    again = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    assert again.returncode == 0, again.stderr
+    _assert_complete(out, 24)
+
+
+def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
+    os.kill(_worker_pid(proc.pid), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    _assert_complete(out, 24)
+    assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
+
+
+def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(prefect_server, str(dataset), "--out", str(out), "--worker-timeout", "20", *FAST)
+    _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
+    hung = _worker_pid(proc.pid)
+    os.kill(hung, signal.SIGSTOP)  # alive but silent: no token ever comes
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    _assert_complete(out, 24)
+    assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
+    assert not Path(f"/proc/{hung}").exists() or "Z" in Path(f"/proc/{hung}/stat").read_text().split()[2]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_stops_with_a_clear_error_and_readable_parts(prefect_server, tmp_path, tiny_disk):
+    rows = scitldr_rows(40)
+    data = tmp_path / "in.parquet"
+    pl.DataFrame(rows).write_parquet(data)
+    out = tiny_disk / "out"
+    result = _finish(prefect_server, str(data), "--out", str(out), "--max-tokens", "24", "--chunk-size", "2",
+                     "--no-cache", "--no-progress")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "No space left on device" in line and "run the same command again" in line
+    assert "Traceback" not in result.stderr
+    parts = _parts(out)
+    assert parts, "some parts fit before the disk filled"
+    for part in parts:
+        assert pl.read_parquet(part).height > 0
