@@ -1,13 +1,16 @@
-"""Per-row pieces of the batched llama.cpp engine: tokenizing, sampler chains, text and stops.
+"""Per-row pieces of the batched llama.cpp engine: tokens, sampler chains, text and stops.
 
-Everything here mirrors `llama_cpp.Llama.create_completion` so that a row decoded in a
-batch gives the same tokens, text, finish reason and usage as that reference call.
+Everything here mirrors `llama_cpp.Llama.create_completion`, so a row decoded in a batch
+gets the same tokens, text, finish reason and usage as that reference call. Also two thin
+helpers over the C library: log capture while loading, and GPU names for `device()`.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import llama_cpp
 
@@ -22,15 +25,12 @@ class RowError(Exception):
 
 
 def tokenize_prompt(vocab, prompt: str) -> list[int]:
-    """Tokens exactly as create_completion builds them: [BOS/CLS if the vocab asks] + text (+ EOS/SEP)."""
+    """Tokens as create_completion builds them: [BOS if the vocab asks] + text (+ EOS/SEP if asked)."""
     text = prompt.encode("utf-8")
     tokens = _tokenize(vocab, text) if text else []
-    bos = llama_cpp.llama_vocab_bos(vocab)
-    cls = llama_cpp.llama_vocab_cls(vocab)
+    bos = llama_cpp.llama_vocab_bos(vocab)  # create_completion's CLS is an alias of BOS
     sep = llama_cpp.llama_vocab_sep(vocab)
-    head = [cls if cls != -1 else bos]
-    if not llama_cpp.llama_vocab_get_add_bos(vocab) or head[0] == -1:
-        head = []
+    head = [bos] if llama_cpp.llama_vocab_get_add_bos(vocab) and bos != -1 else []
     tail = [sep if sep != -1 else llama_cpp.llama_vocab_eos(vocab)]
     if not llama_cpp.llama_vocab_get_add_eos(vocab) and sep == -1:
         tail = []
@@ -38,10 +38,10 @@ def tokenize_prompt(vocab, prompt: str) -> list[int]:
 
 
 def _tokenize(vocab, text: bytes) -> list[int]:
-    size = len(text) + 16  # a token covers at least one byte, plus specials
+    size = len(text) + 16  # a token covers at least one byte
     buf = (llama_cpp.llama_token * size)()
     n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, True)
-    if n < 0:  # buffer too small: llama.cpp tells us the size it needs
+    if n < 0:  # buffer too small: llama.cpp says how many tokens it needs
         size = -n
         buf = (llama_cpp.llama_token * size)()
         n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, True)
@@ -51,7 +51,7 @@ def _tokenize(vocab, text: bytes) -> list[int]:
 
 
 def token_piece(vocab, token: int) -> bytes:
-    """The bytes of one token, special tokens rendered as nothing (as create_completion does)."""
+    """The bytes of one token, control tokens rendered as nothing (as create_completion does)."""
     buf = ctypes.create_string_buffer(64)
     n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
     if n < 0:  # piece longer than the buffer
@@ -61,11 +61,12 @@ def token_piece(vocab, token: int) -> bytes:
 
 
 def build_sampler(vocab, req: GenerationRequest):
-    """A llama_sampler chain for one row, in create_completion's order; caller frees it.
+    """A llama_sampler chain for one row, in create_completion's order; the caller frees it.
 
-    Raises RowError for a grammar llama.cpp cannot parse (init_grammar returns NULL).
+    Raises RowError when llama.cpp cannot parse the grammar (init_grammar returns NULL).
+    The chain is only ever used through llama_sampler_sample, which accepts the token
+    itself: a second llama_sampler_accept would advance the grammar twice and abort.
     """
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     parts = [
         llama_cpp.llama_sampler_init_penalties(
             llama_cpp.llama_vocab_n_tokens(vocab), PENALTY_LAST_N, req.repeat_penalty, 0.0, 0.0
@@ -74,8 +75,8 @@ def build_sampler(vocab, req: GenerationRequest):
     if req.grammar is not None:
         grammar = llama_cpp.llama_sampler_init_grammar(vocab, req.grammar.encode("utf-8"), b"root")
         if not grammar:
-            _free_all(chain, parts)
-            raise RowError("invalid grammar: llama.cpp could not parse the GBNF (needs a `root` rule)")
+            llama_cpp.llama_sampler_free(parts[0])
+            raise RowError("invalid grammar: llama.cpp could not parse the GBNF (it needs a `root` rule)")
         parts.append(grammar)
     seed = req.seed & 0xFFFFFFFF
     if req.temperature < 0:
@@ -91,19 +92,14 @@ def build_sampler(vocab, req: GenerationRequest):
             llama_cpp.llama_sampler_init_temp(req.temperature),
             llama_cpp.llama_sampler_init_dist(seed),
         ]
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     for part in parts:
-        llama_cpp.llama_sampler_chain_add(chain, part)  # the chain now owns it
+        llama_cpp.llama_sampler_chain_add(chain, part)  # the chain owns and frees it
     return chain
 
 
-def _free_all(chain, parts) -> None:
-    llama_cpp.llama_sampler_free(chain)
-    for part in parts:
-        llama_cpp.llama_sampler_free(part)
-
-
 def _incomplete_utf8(text: bytes) -> bool:
-    """True when `text` ends inside a multi-byte UTF-8 character (create_completion's check)."""
+    """True when `text` ends inside a multi-byte UTF-8 character (create_completion's test)."""
     pending = 0
     for k, char in enumerate(text[-3:]):
         k = 3 - k
@@ -121,19 +117,19 @@ class RowText:
     bos: int
     tokens: list[int] = field(default_factory=list)
     data: bytes = b""
-    cut: int | None = None  # byte offset where a stop string begins
+    cut: int | None = None  # byte offset where the stop string begins
 
     def add(self, token: int, piece: bytes) -> bool:
         """Append a non-EOG token; True when a stop string has appeared."""
         self.tokens.append(token)
         self.data += piece
         if not self.stop or _incomplete_utf8(self.data):
-            return False  # create_completion defers the stop check until the character is whole
-        found = [s for s in self.stop if s in self._visible()]
+            return False  # like create_completion, wait until the character is whole
+        visible = self._visible()
+        found = [s for s in self.stop if s in visible]  # first in list order, as upstream
         if found:
-            self.cut = self._visible().index(found[0])
-            return True
-        return False
+            self.cut = visible.index(found[0])
+        return bool(found)
 
     def _visible(self) -> bytes:
         # Llama.detokenize drops a leading space after a BOS token.
@@ -145,4 +141,49 @@ class RowText:
         visible = self._visible()
         if self.cut is not None:
             visible = visible[: self.cut]
-        return visible.decode("utf-8", errors="ignore")
+        return visible.decode("utf-8", errors="ignore")  # a split character at the end is dropped
+
+
+class LogCapture:
+    """Silence llama.cpp's log while loading, keeping error lines for a one-line message."""
+
+    def __init__(self) -> None:
+        self.errors: deque[str] = deque(maxlen=4)
+        self._callback = llama_cpp.llama_log_callback(self._on_log)  # kept alive on self
+
+    def _on_log(self, level: int, text: bytes, _user) -> None:
+        if level == 3 and text:  # GGML_LOG_LEVEL_ERROR
+            self.errors.append(text.decode("utf-8", "replace").strip())
+
+    def last_error(self, default: str) -> str:
+        return self.errors[-1] if self.errors else default
+
+    def __enter__(self) -> "LogCapture":
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        from llama_cpp import _logger  # the sink llama_cpp installs at import
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def gpu_names() -> str:
+    """Names of the GPUs ggml sees (its device registry in libggml); "gpu" if unavailable."""
+    try:
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+        lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+        names = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            if lib.ggml_backend_dev_type(dev) in (1, 2):  # discrete or integrated GPU
+                names.append(lib.ggml_backend_dev_description(dev).decode("utf-8", "replace"))
+        return ", ".join(names) or "gpu"
+    except (OSError, AttributeError):
+        return "gpu"
