@@ -33,6 +33,9 @@ def make_backend(settings: ModelSettings):
 
 
 def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue) -> None:
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)  # llama.cpp's info logs would otherwise flood the user's terminal
     try:
         backend = make_backend(settings)
     except TokenmillError as exc:
