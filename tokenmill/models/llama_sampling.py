@@ -8,7 +8,6 @@ helpers over the C library: log capture while loading, and GPU names for `device
 from __future__ import annotations
 
 import ctypes
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +72,11 @@ def build_sampler(vocab, req: GenerationRequest):
         )
     ]
     if req.grammar is not None:
-        grammar = llama_cpp.llama_sampler_init_grammar(vocab, req.grammar.encode("utf-8"), b"root")
+        with LogCapture() as log:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, req.grammar.encode("utf-8"), b"root")
         if not grammar:
             llama_cpp.llama_sampler_free(parts[0])
-            raise RowError("invalid grammar: llama.cpp could not parse the GBNF (it needs a `root` rule)")
+            raise RowError(f"invalid GBNF grammar: {log.reason('llama.cpp could not parse it')}")
         parts.append(grammar)
     seed = req.seed & 0xFFFFFFFF
     if req.temperature < 0:
@@ -145,18 +145,25 @@ class RowText:
 
 
 class LogCapture:
-    """Silence llama.cpp's log while loading, keeping error lines for a one-line message."""
+    """Silence llama.cpp's log for a moment, keeping its error lines for a one-line message."""
 
     def __init__(self) -> None:
-        self.errors: deque[str] = deque(maxlen=4)
+        self.errors: list[str] = []
         self._callback = llama_cpp.llama_log_callback(self._on_log)  # kept alive on self
 
     def _on_log(self, level: int, text: bytes, _user) -> None:
-        if level == 3 and text:  # GGML_LOG_LEVEL_ERROR
+        if level == 4 and text and len(self.errors) < 8:  # GGML_LOG_LEVEL_ERROR in this ggml
             self.errors.append(text.decode("utf-8", "replace").strip())
 
-    def last_error(self, default: str) -> str:
-        return self.errors[-1] if self.errors else default
+    def reason(self, default: str) -> str:
+        """The first error, without its C function name: usually the cause."""
+        if not self.errors:
+            return default
+        first = self.errors[0]
+        for marker in ("error loading model: ", "error parsing grammar: "):
+            if marker in first:
+                return first.split(marker, 1)[1]
+        return first.split(": ", 1)[-1]
 
     def __enter__(self) -> "LogCapture":
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))

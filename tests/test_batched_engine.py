@@ -1,0 +1,260 @@
+"""The batched llama.cpp engine against `Llama.create_completion`, on the real embedded model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: E402
+
+from tokenmill.errors import ModelError  # noqa: E402
+from tokenmill.models.base import GenerationRequest, ModelSettings  # noqa: E402
+from tokenmill.models.llama_batched import LlamaBatchedBackend  # noqa: E402
+from tokenmill.models.resolve import default_model_path  # noqa: E402
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+N_ROWS = 48
+MAX_TOKENS = 64
+# SmolLM2's ChatML template, rendered by hand: the part before the row text is shared by all rows.
+CHATML = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n{instruction}\n\n{text}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def summarize_prompt(text: str) -> str:
+    return CHATML.format(instruction="Summarize in one sentence:", text=text)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    try:
+        return str(default_model_path())
+    except ModelError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """The first 48 SciTLDR dev abstracts, as summarization prompts."""
+    path = DATASETS / "scitldr" / "dev.jsonl"
+    if not DATASETS.is_dir():
+        pytest.skip(f"shared datasets folder not found at {DATASETS}")
+    with path.open() as fh:
+        records = [json.loads(line) for line in itertools.islice(fh, N_ROWS)]
+    return [summarize_prompt(" ".join(r["source"])) for r in records]
+
+
+@pytest.fixture(scope="session")
+def reference(model_path, prompts) -> list[dict]:
+    """create_completion's greedy output for each prompt, computed once per session."""
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, verbose=False)
+    out = [llm.create_completion(p, max_tokens=MAX_TOKENS, temperature=0) for p in prompts]
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    return llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+
+
+def run(model_path, requests, kv_unified=None, **settings) -> dict:
+    """Generate with a fresh engine; completions keyed by request index."""
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, **settings), kv_unified=kv_unified)
+    try:
+        return {c.index: c for c in engine.generate(requests)}
+    finally:
+        engine.close()
+
+
+def greedy(i: int, prompt: str, **kw) -> GenerationRequest:
+    return GenerationRequest(index=i, prompt=prompt, max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw)
+
+
+def first_token_difference(tokenizer, a: str, b: str) -> int:
+    ta = tokenizer.tokenize(a.encode(), add_bos=False)
+    tb = tokenizer.tokenize(b.encode(), add_bos=False)
+    return next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+
+
+def test_one_slot_matches_create_completion_text_and_usage(model_path, prompts, reference):
+    got = run(model_path, [greedy(i, p) for i, p in enumerate(prompts[:6])], n_seq=1, n_ctx=2048)
+    for i in range(6):
+        ref = reference[i]
+        assert got[i].text == ref["choices"][0]["text"], f"row {i}"
+        assert got[i].finish_reason == ref["choices"][0]["finish_reason"]
+        assert got[i].prompt_tokens == ref["usage"]["prompt_tokens"]
+        assert got[i].completion_tokens == ref["usage"]["completion_tokens"]
+
+
+def test_eight_slots_match_create_completion_on_48_scitldr_rows(model_path, prompts, reference, tokenizer):
+    got = run(model_path, [greedy(i, p) for i, p in enumerate(prompts)], n_seq=8, n_ctx=9 * 1024)
+    assert sorted(got) == list(range(N_ROWS))
+    differ = []
+    for i, ref in enumerate(reference):
+        want, have = ref["choices"][0]["text"], got[i].text
+        assert got[i].finish_reason in ("stop", "length")
+        if have != want:
+            differ.append(i)
+            pos = first_token_difference(tokenizer, want, have)
+            print(f"row {i} differs from token {pos}:\n  ref: {want!r}\n  got: {have!r}")
+    print(f"{N_ROWS - len(differ)}/{N_ROWS} rows identical to create_completion")
+    assert len(differ) <= 3
+    # Every row after the first shares the chat-template prefix with the row before it.
+    assert sum(got[i].cached_tokens > 0 for i in range(N_ROWS)) >= N_ROWS - 1
+
+
+def test_shared_prefix_is_reported_as_cached_and_keeps_text(model_path, prompts, reference, tokenizer):
+    got = run(model_path, [greedy(i, p) for i, p in enumerate(prompts[:4])], n_seq=2, n_ctx=3 * 1024)
+    prefix = len(tokenizer.tokenize(summarize_prompt("").split("\n\n<|im_end|>")[0].encode(), special=True))
+    for i in range(4):
+        assert got[i].text == reference[i]["choices"][0]["text"], f"row {i}"
+        assert got[i].prompt_tokens == reference[i]["usage"]["prompt_tokens"]
+    # the first row evaluates the prefix for the others; all then copy it
+    assert all(got[i].cached_tokens >= prefix - 2 for i in range(1, 4)), [got[i].cached_tokens for i in range(4)]
+
+
+def test_grammar_constrains_only_its_row(model_path, prompts, reference):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    grammar = json_schema_to_gbnf(json.dumps(schema))
+    ask = CHATML.format(instruction="Give the person's name and age as JSON.", text="Maria is 34 years old.")
+    got = run(
+        model_path,
+        [greedy(0, ask, grammar=grammar, max_tokens=48), greedy(1, prompts[0])],
+        n_seq=2,
+        n_ctx=2048,
+    )
+    value = json.loads(got[0].text)
+    assert got[0].finish_reason == "stop"
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int) and isinstance(value["name"], str)
+    assert got[1].text == reference[0]["choices"][0]["text"]
+
+
+def test_invalid_grammar_and_bad_max_tokens_fail_only_their_rows(model_path, prompts):
+    got = run(
+        model_path,
+        [
+            greedy(0, prompts[0], max_tokens=8),
+            greedy(1, prompts[1], grammar="root ::= [unclosed", max_tokens=8),
+            greedy(2, prompts[2], grammar="this is not gbnf", max_tokens=8),
+            greedy(3, prompts[3], max_tokens=0),
+        ],
+        n_seq=4,
+        n_ctx=2048,
+    )
+    assert got[0].finish_reason == "length" and got[0].completion_tokens == 8
+    for i in (1, 2):
+        assert got[i].finish_reason == "error" and "grammar" in got[i].error and got[i].text is None
+    assert got[3].finish_reason == "error" and "max_tokens" in got[3].error
+
+
+@pytest.mark.parametrize("kv_unified, n_seq, n_ctx, holds", [(True, 2, 512, 512), (False, 1, 1024, 512)])
+def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unified, n_seq, n_ctx, holds):
+    long_prompt = summarize_prompt(" ".join([prompts[0]] * 3))
+    got = run(
+        model_path,
+        [greedy(0, prompts[0], max_tokens=16), greedy(1, long_prompt, max_tokens=16), greedy(2, prompts[1], max_tokens=16)],
+        kv_unified=kv_unified,
+        n_seq=n_seq,
+        n_ctx=n_ctx,
+    )
+    assert got[1].finish_reason == "error" and got[1].text is None
+    p = got[1].prompt_tokens
+    assert got[1].error == (
+        f"row needs {p + 16} tokens (prompt {p} + max_tokens 16) but the context holds only {holds}; "
+        "raise --n-ctx or lower --max-tokens"
+    )
+    assert got[0].finish_reason != "error" and got[2].finish_reason != "error"
+
+
+def test_unified_cache_makes_rows_wait_for_cells_and_keeps_them_apart(model_path, prompts, reference):
+    # One pool of 1024 cells holds about three of these rows at once: the others must wait.
+    rows = [greedy(i, p, max_tokens=32) for i, p in enumerate(prompts[:6])]
+    got = run(model_path, rows, kv_unified=True, n_seq=6, n_ctx=1024)
+    assert all(c.finish_reason in ("stop", "length") for c in got.values())
+    assert sorted(c.queue_ms for c in got.values())[-1] > 500  # the last row waited for cells
+    # Each summary speaks of its own abstract, not a neighbour's. (Exact text is not promised:
+    # in a unified cache a row's cells lie elsewhere than in a lone run, which changes rounding.)
+    words = [set(re.findall(r"[a-z]{6,}", p.lower())) for p in prompts[:6]]
+    for i in range(6):
+        said = set(re.findall(r"[a-z]{6,}", got[i].text.lower()))
+        overlap = [len(said & w) for w in words]
+        assert overlap[i] == max(overlap) > 0, (i, got[i].text, reference[i]["choices"][0]["text"])
+    same = sum(reference[i]["choices"][0]["text"].startswith(got[i].text) for i in range(6))
+    print(f"unified cache: {same}/6 rows identical to create_completion's first 32 tokens")
+
+
+def test_same_seed_gives_same_text_alone_and_in_a_batch(model_path, prompts):
+    def sampled(i, p, seed):
+        return GenerationRequest(index=i, prompt=p, max_tokens=32, temperature=0.8, seed=seed)
+
+    alone = run(model_path, [sampled(0, prompts[5], 1234)], n_seq=4, n_ctx=2048)
+    batch = run(
+        model_path,
+        [sampled(1, prompts[6], 1), sampled(0, prompts[5], 1234), sampled(2, prompts[7], 2)],
+        n_seq=4,
+        n_ctx=2048,
+    )
+    assert alone[0].text == batch[0].text
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, verbose=False)
+    ref = llm.create_completion(prompts[5], max_tokens=32, temperature=0.8, seed=1234)
+    llm.close()
+    assert alone[0].text == ref["choices"][0]["text"]
+
+
+def test_stop_string_cuts_text_before_it(model_path, prompts, reference):
+    want = reference[0]["choices"][0]["text"]
+    words = want.split()
+    assert len(words) > 3, want
+    got = run(model_path, [greedy(0, prompts[0], stop=[" " + words[2]])], n_seq=1, n_ctx=2048)
+    assert got[0].finish_reason == "stop"
+    assert got[0].text == want[: want.index(" " + words[2])]
+
+
+def test_requests_are_pulled_lazily_from_an_endless_stream(model_path, prompts):
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield greedy(i, prompts[i % 4], max_tokens=4)
+
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=3, n_ctx=2048))
+    try:
+        got = list(itertools.islice(engine.generate(endless()), 6))
+    finally:
+        engine.close()
+    assert len(got) == 6 and all(c.completion_tokens == 4 for c in got)
+    assert len(pulled) <= 6 + 3 + 1  # finished + running slots + one waiting
+
+
+def test_unloadable_model_files_raise_model_error(model_path, tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model")
+    truncated = tmp_path / "truncated.gguf"
+    with open(model_path, "rb") as src, truncated.open("wb") as dst:
+        dst.write(src.read(1 << 20))
+    for path in (bad, truncated, tmp_path / "missing.gguf"):
+        with pytest.raises(ModelError, match=str(path.name)):
+            LlamaBatchedBackend(ModelSettings(model_path=str(path)))
+
+
+def test_measure_rates_reports_positive_rates(model_path):
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=4, n_ctx=2048))
+    try:
+        rates = engine.measure_rates(prompt_tokens=64, steps=4)
+        assert engine.device().startswith(("cpu", "gpu"))
+    finally:
+        engine.close()
+    assert rates["prefill_tok_s"] > 0 and rates["decode_tok_s"] > 0 and rates["n_seq"] == 4
