@@ -48,9 +48,10 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed per row (default 0)")
     p.add_argument("--limit", type=int, help="process only the first N rows")
-    p.add_argument("--n-ctx", type=int, default=4096, help="model context size in tokens (default 4096)")
+    p.add_argument("--n-ctx", type=int, default=4096,
+                   help="context tokens one row may use: prompt + --max-tokens must fit (default 4096)")
     p.add_argument("--n-seq", type=int, default=0,
-                   help="rows decoded together in one batch (default 0: chosen by the engine)")
+                   help="rows decoded together in one batch (default 0: 8); each gets its own --n-ctx of KV cache")
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-import flows  # noqa: F401  (sets Prefect's environment defaults)
-from tokenmill.models.base import ModelSettings
+import flows  # noqa: F401  sets Prefect's environment defaults
 from tokenmill.tasks.runner import Job, JobConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -67,8 +66,7 @@ def plain_loop(job: Job, max_tokens: int, grammar_schema: dict | None) -> tuple[
 def engine_rates(job: Job) -> dict:
     from tokenmill.models.llama_batched import LlamaBatchedBackend
 
-    backend = LlamaBatchedBackend(ModelSettings(model_path=str(job.model_path), n_ctx=job.config.n_ctx,
-                                                n_seq=job.config.n_seq))
+    backend = LlamaBatchedBackend(job.settings())
     try:
         return backend.measure_rates()
     finally:
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", nargs="?", choices=["summarize", "extract"], default="summarize")
     p.add_argument("--rows", type=int, help="rows to run (default 48 for summarize, 200 for extract)")
     p.add_argument("--max-tokens", type=int, help="default 64 for summarize, 192 for extract")
-    p.add_argument("--n-ctx", type=int, default=8192)
+    p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-seq", type=int, default=0)
     args = p.parse_args(argv)
     rows = args.rows or (48 if args.kind == "summarize" else 200)

@@ -30,6 +30,9 @@ from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_com
 from tokenmill.usage import Prices, RunStats
 
 
+DEFAULT_SLOTS = 8  # rows decoded together when --n-seq is not given
+
+
 @dataclass
 class JobConfig:
     """Everything a run needs; plain data so it travels through Prefect and the CLI alike."""
@@ -148,8 +151,13 @@ class Job:
                 f"task template {self.template.name}; {self.chat.name}")
 
     def settings(self) -> ModelSettings:
+        """--n-ctx is what one row may use; the batched engine gives each of its slots its own
+        stream of that size (isolated KV streams keep every row's text exact), so its context
+        holds n_ctx x (slots + 1, the shared-prefix sequence)."""
         c = self.config
-        return ModelSettings(model_path=str(self.model_path), n_ctx=c.n_ctx, n_seq=c.n_seq,
+        slots = c.n_seq or DEFAULT_SLOTS
+        total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
+        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
                              n_gpu_layers=c.n_gpu_layers, backend=c.backend)
 
     def render(self, row: dict) -> str:
@@ -222,7 +230,7 @@ class Job:
     def _generate(self, worker: ModelWorker, ledger: Ledger, cache: ResultCache | None, stats: RunStats,
                   emit: Callable[[dict], None]) -> None:
         """Feed the worker the rows nobody has generated yet; reuse or fan out the rest."""
-        window = max(64, 4 * (self.config.n_seq or 16))  # more than the backend's slots, see pool.py
+        window = max(64, 4 * (self.config.n_seq or DEFAULT_SLOTS))  # more than the backend's slots, see pool.py
         in_flight: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
         by_index: dict[int, str] = {}
         done: dict[str, dict] = {}  # this run's generations, for duplicates later in the input
