@@ -102,22 +102,22 @@ def run_cli(prog: str, main: Callable[[argparse.Namespace], int], parser: argpar
             argv: list[str] | None = None) -> int:
     """Parse, run, and turn tokenmill errors into one line on stderr with the right exit status."""
     args = parser.parse_args(argv)
-    if not args.verbose:
+    if not getattr(args, "verbose", True):
         quiet_prefect_console()
     try:
         return main(args)
     except TokenmillError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        out = f" (--out {args.out})" if args.out else ""
+        out = f" (--out {args.out})" if getattr(args, "out", None) else ""
         print(f"{prog}: interrupted; rows finished so far are kept in the output folder{out}. "
               "Run the same command again to continue where it stopped.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"{prog}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)

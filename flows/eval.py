@@ -11,8 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from flows._cli import EXIT_FAILED, EXIT_OK
-from tokenmill.errors import TokenmillError
+from flows._cli import EXIT_OK, run_cli
 from tokenmill.evaluate import evaluate_extract
 
 
@@ -29,14 +28,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    try:
-        scores, summary = evaluate_extract(out, Path(args.gold), args.gold_column)
-    except TokenmillError as exc:
-        print(f"python -m flows.eval: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    scores, summary = evaluate_extract(out, Path(args.gold), args.gold_column)
     scores.write_parquet(out / "eval.parquet")
     summary.write_parquet(out / "eval_summary.parquet")
     with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True):
@@ -45,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("python -m flows.eval", main, parser()))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from flows._cli import EXIT_FAILED, EXIT_OK
-from tokenmill.errors import TokenmillError
+from flows._cli import EXIT_OK, run_cli
 from tokenmill.stats import collect, format_table, write_chart
 
 PROG = "python -m flows.stats"
@@ -73,15 +71,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Like flows._cli.run_cli, without Prefect: tokenmill errors become one line on stderr, exit 1."""
-    args = parser().parse_args(argv)
-    try:
-        return main(args)
-    except TokenmillError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    """Tokenmill errors become one line on stderr, exit 1 (flows._cli.run_cli; Prefect is not imported)."""
+    return run_cli(PROG, main, parser(), argv)
 
 
 if __name__ == "__main__":
