@@ -31,6 +31,7 @@ from tokenmill.usage import Prices, RunStats
 
 
 DEFAULT_SLOTS = 8  # rows decoded together when --n-seq is not given
+MAX_CHARS_PER_TOKEN = 64  # no real vocabulary averages longer tokens: a longer text cannot fit
 
 
 @dataclass
@@ -287,6 +288,11 @@ class Job:
                 text = row.get(self.table.column)
                 if text is None or (isinstance(text, str) and not text.strip()):
                     yield info, None, f"column {self.table.column!r} is empty in this row"
+                    continue
+                if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx:  # cannot fit, whatever the tokenizer
+                    yield info, None, (f"column {self.table.column!r} holds {len(str(text)):,} characters, far more "
+                                       f"than the {c.n_ctx} tokens of --n-ctx can hold; raise --n-ctx or split "
+                                       "the text into several rows")
                     continue
                 try:
                     prompt = self.render(row)
