@@ -66,6 +66,7 @@ def test_usage_totals_equal_the_sums_over_rows(summarized):
     assert run["tokens_per_s"] == pytest.approx((run["prompt_tokens"] + run["completion_tokens"]) / run["wall_s"])
     assert run["model_sha256"] and len(run["model_sha256"]) == 64
     assert run["device"].startswith(("cpu", "gpu"))
+    assert run["prefill_tokens_per_s"] > 0 and run["decode_tokens_per_s"] > 0  # per phase, from the engine
     assert run["ended_at"] > run["started_at"]
 
 

@@ -52,7 +52,7 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
         now = time.monotonic()
         if now - last_beat >= 1.0:
             last_beat = now
-            results.put(("alive", None))
+            results.put(("alive", dict(getattr(backend, "stats", None) or {})))
 
     backend.on_step = heartbeat
 
@@ -64,8 +64,8 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
 
     for completion in backend.generate(incoming()):
         results.put(("done", completion))
+    results.put(("closed", dict(getattr(backend, "stats", None) or {})))
     backend.close()
-    results.put(("closed", None))
 
 
 class ModelWorker:
@@ -86,6 +86,8 @@ class ModelWorker:
         self._failed: deque[Completion] = deque()
         self._input_ended = False
         self._last_message = time.monotonic()
+        self._live_stats: dict = {}
+        self._dead_stats: dict = {}
 
     @property
     def in_flight(self) -> int:
@@ -152,13 +154,38 @@ class ModelWorker:
         for kind, payload in items:
             if kind == "done" and self._pending.pop(payload.index, None) is not None:
                 done.append(payload)
+            elif kind in ("alive", "closed") and payload:
+                self._live_stats = payload
         return done
+
+    @property
+    def engine_stats(self) -> dict:
+        """The backends' own counters (decode seconds per phase, tokens), summed over restarts."""
+        total = dict(self._dead_stats)
+        for key, value in self._live_stats.items():
+            total[key] = total.get(key, 0) + value
+        return total
+
+    def _wait_closed(self, timeout: float = 5.0) -> None:
+        """After end_input: let the worker report its final counters before it is stopped."""
+        deadline = time.monotonic() + timeout
+        while self._proc is not None and self._proc.is_alive() and time.monotonic() < deadline:
+            try:
+                kind, payload = self._results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "closed":
+                self._live_stats = payload or self._live_stats
+                return
 
     def _recover(self, hung: bool) -> None:
         """The worker died or hung: fail rows that have had enough tries, resend the rest."""
         exitcode = self._proc.exitcode if self._proc is not None else None
         self.stop()
         self.restarts += 1
+        for key, value in self._live_stats.items():
+            self._dead_stats[key] = self._dead_stats.get(key, 0) + value
+        self._live_stats = {}
         cause = (f"the model worker produced nothing for {self.hang_timeout_s:.0f} s and was stopped" if hung
                  else f"the model worker died (exit code {exitcode})")
         retry = []
@@ -199,4 +226,6 @@ class ModelWorker:
         self._proc = None
 
     def close(self) -> None:
+        if self._input_ended and not self._pending:
+            self._wait_closed()
         self.stop()

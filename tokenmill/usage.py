@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 
+def _rate(counters: dict, tokens: str, seconds: str) -> float | None:
+    return counters[tokens] / counters[seconds] if counters.get(seconds) else None
+
+
 @dataclass
 class RunStats:
     """Counters for one run; `add` is called once per finished row."""
@@ -30,6 +34,7 @@ class RunStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
     tokens_saved: int = 0  # prompt + completion tokens of rows reused instead of generated
+    engine: dict = field(default_factory=dict)  # the backend's own counters (per-phase decode time)
     _t0: float = field(default_factory=time.perf_counter)
 
     def add_generation(self, completion) -> None:
@@ -88,6 +93,9 @@ class RunStats:
             "wall_s": wall,
             "tokens_per_s": self.tokens / wall if wall > 0 else 0.0,
             "completion_tokens_per_s": self.completion_tokens / wall if wall > 0 else 0.0,
+            # per phase, from the engine's own timing of its llama_decode calls (null when unknown)
+            "prefill_tokens_per_s": _rate(self.engine, "prompt_tokens", "prompt_s"),
+            "decode_tokens_per_s": _rate(self.engine, "generated_tokens", "generate_s"),
             "model": self.model,
             "model_sha256": self.model_sha256,
             "backend": self.backend,

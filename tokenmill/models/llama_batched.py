@@ -105,7 +105,9 @@ class LlamaBatchedBackend:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._prefix: list[int] = []  # tokens sequence 0 should hold
         self._prefix_done = 0  # how many of them it holds now
-        self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
+                      "prompt_s": 0.0, "generate_s": 0.0}
+        self.last_decode_s = 0.0
 
     def _load_model(self, path: Path) -> None:
         if not path.is_file():
@@ -211,7 +213,8 @@ class LlamaBatchedBackend:
         self._batch.n_tokens = n_tokens
         t0 = time.perf_counter()
         ret = llama_cpp.llama_decode(self._ctx, self._batch)
-        self.stats["decode_s"] += time.perf_counter() - t0
+        self.last_decode_s = time.perf_counter() - t0
+        self.stats["decode_s"] += self.last_decode_s
         self.stats["decode_calls"] += 1
         return ret
 
@@ -418,6 +421,9 @@ class _Run:
         n_gen = sum(1 for r, _k in call if r is not None and r.next_token >= 0)
         e.stats["prompt_tokens"] += n - n_gen
         e.stats["generated_tokens"] += n_gen
+        # per-phase time: a mixed call (unified mode) is shared out by its tokens
+        e.stats["generate_s"] += e.last_decode_s * n_gen / n
+        e.stats["prompt_s"] += e.last_decode_s * (n - n_gen) / n
         self.after_decode(plan)
 
     def after_decode(self, plan) -> None:

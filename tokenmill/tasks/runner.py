@@ -223,6 +223,7 @@ class Job:
             if cache:
                 cache.close()
         stats.device = worker.device if worker.device != "unknown" else stats.device
+        stats.engine = worker.engine_stats
         writer.merge(self.out / RESULTS_FILE, order_by="row")
         append_row(self.out / "usage.parquet", stats.row(
             input=str(c.input), task=self.task.name, params=json.dumps(self.params), worker_restarts=worker.restarts,
