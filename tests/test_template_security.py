@@ -16,7 +16,7 @@ from tokenmill.errors import TemplateError, TemplateSecurityError
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import default_model_path
 from tokenmill.prompts import ChatTemplate, load_task_template
-from tokenmill.sandbox import MAX_RENDER_SECONDS, llama_cpp_without_chat_templates, sandbox
+from tokenmill.sandbox import MAX_RENDER_SECONDS, sandbox
 
 # MARKER is replaced by a file path; a template that manages to run a command would create it.
 HOSTILE = {
@@ -176,10 +176,9 @@ def write_gguf(reader: gguf.GGUFReader, dst: Path, chat_template: str, tensors: 
 
 
 def load_info(path: Path) -> ModelInfo:
-    """ModelInfo as load_llama should build it: llama-cpp-python must not compile the GGUF's template
-    (it would fold `'x' * 10**10` and the like while loading, outside tokenmill's sandbox)."""
-    with llama_cpp_without_chat_templates():
-        return ModelInfo(path)
+    """ModelInfo as tokenmill builds it: load_llama keeps llama-cpp-python from compiling the GGUF's
+    template (it would fold `'x' * 10**10` and the like while loading, outside tokenmill's sandbox)."""
+    return ModelInfo(path)
 
 
 def _sha256(path: Path) -> str:

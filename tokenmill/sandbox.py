@@ -507,7 +507,7 @@ class _UncompiledChatFormatter:
         return refuse
 
 
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = threading.RLock()  # re-entrant: a caller may already hold it around load_llama
 
 
 @contextlib.contextmanager
