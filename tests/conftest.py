@@ -91,3 +91,14 @@ def run_flow(prefect_server, tmp_path_factory):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """The command failed with exit 1 and a last stderr line `PROG: error: ...` holding every needle."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert ": error: " in line
+    for needle in needles:
+        assert needle in line, line
+    return line

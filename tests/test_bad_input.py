@@ -5,14 +5,12 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from tests.conftest import assert_one_line_error
+
 
 def _assert_clean_failure(result, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+    line = assert_one_line_error(result, *needles)
     assert line.startswith("python -m flows.summarize: error: ")
-    for needle in needles:
-        assert needle in line, line
     return line
 
 

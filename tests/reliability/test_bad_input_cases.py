@@ -7,18 +7,8 @@ import gguf
 import polars as pl
 import pytest
 
-from tests.conftest import scitldr_rows
+from tests.conftest import assert_one_line_error, scitldr_rows
 from tokenmill.models.resolve import default_model_path
-
-
-def _fails(result, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert ": error: " in line
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +21,13 @@ def good(tmp_path_factory):
 def test_non_utf8_csv(run_flow, tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("id,text\n1,caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
-    _fails(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "UTF-8", "iconv")
+    assert_one_line_error(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "UTF-8", "iconv")
 
 
 def test_truncated_parquet(run_flow, good, tmp_path):
     path = tmp_path / "cut.parquet"
     path.write_bytes(good.read_bytes()[:200])
-    _fails(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "cannot read")
+    assert_one_line_error(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "cannot read")
 
 
 def test_folder_with_mixed_schemas(run_flow, tmp_path):
@@ -45,43 +35,43 @@ def test_folder_with_mixed_schemas(run_flow, tmp_path):
     folder.mkdir()
     pl.DataFrame({"text": ["a b c"]}).write_parquet(folder / "a.parquet")
     pl.DataFrame({"text": ["d e f"], "lang": ["en"]}).write_parquet(folder / "b.parquet")
-    _fails(run_flow("summarize", str(folder), "--out", str(tmp_path / "o")), "b.parquet", "a.parquet", "lang")
+    assert_one_line_error(run_flow("summarize", str(folder), "--out", str(tmp_path / "o")), "b.parquet", "a.parquet", "lang")
 
 
 def test_glob_matching_nothing(run_flow, tmp_path):
-    _fails(run_flow("summarize", str(tmp_path / "*.csv"), "--out", str(tmp_path / "o")), "no file matches")
+    assert_one_line_error(run_flow("summarize", str(tmp_path / "*.csv"), "--out", str(tmp_path / "o")), "no file matches")
 
 
 def test_template_with_a_syntax_error(run_flow, good, tmp_path):
     template = tmp_path / "broken.j2"
     template.write_text("Summarize {{ text }\n")
-    _fails(run_flow("summarize", str(good), "--prompt", str(template), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_flow("summarize", str(good), "--prompt", str(template), "--out", str(tmp_path / "o")),
            str(template), "syntax error", "line 1")
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_max_tokens_not_positive(run_flow, good, tmp_path, value):
-    _fails(run_flow("summarize", str(good), "--max-tokens", value, "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_flow("summarize", str(good), "--max-tokens", value, "--out", str(tmp_path / "o")),
            "--max-tokens", value)
 
 
 def test_output_folder_that_cannot_be_created(run_flow, good, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    _fails(run_flow("summarize", str(good), "--out", str(blocker / "out")), str(blocker / "out"), "--out")
+    assert_one_line_error(run_flow("summarize", str(good), "--out", str(blocker / "out")), str(blocker / "out"), "--out")
 
 
 def test_output_folder_holding_another_jobs_results(run_flow, good, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     pl.DataFrame({"run_id": ["x"], "task": ["extract"]}).write_parquet(out / "usage.parquet")
-    _fails(run_flow("summarize", str(good), "--out", str(out)), str(out), "extract", "--out")
+    assert_one_line_error(run_flow("summarize", str(good), "--out", str(out)), str(out), "extract", "--out")
 
 
 def test_non_gguf_model_file(run_flow, good, tmp_path):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"PK\x03\x04 this is a zip, not a model")
-    _fails(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "not a GGUF")
 
 
@@ -89,7 +79,7 @@ def test_truncated_gguf_model_file(run_flow, good, tmp_path):
     model = tmp_path / "cut.gguf"
     with default_model_path().open("rb") as fh:
         model.write_bytes(fh.read(5_000_000))
-    _fails(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "could not load")
 
 
@@ -102,14 +92,14 @@ def test_gguf_of_an_unsupported_architecture(run_flow, good, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _fails(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "could not load")
 
 
 def test_invalid_job_spec(run_flow, good, tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text("task: extract\nschema: [this is: not, {valid\n")
-    _fails(run_flow("extract", str(good), "--schema", str(spec), "--out", str(tmp_path / "o")), str(spec))
+    assert_one_line_error(run_flow("extract", str(good), "--schema", str(spec), "--out", str(tmp_path / "o")), str(spec))
 
 
 def test_null_and_empty_rows_fail_alone(run_flow, tmp_path):
