@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-seq", type=int, default=0)
     args = p.parse_args(argv)
+    from flows._cli import quiet_prefect_console
+
+    quiet_prefect_console()
     rows = args.rows or (48 if args.kind == "summarize" else 200)
     max_tokens = args.max_tokens or (64 if args.kind == "summarize" else 192)
     with tempfile.TemporaryDirectory() as tmp:
