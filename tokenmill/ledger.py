@@ -19,6 +19,7 @@ import polars as pl
 
 from tokenmill.errors import InputError
 from tokenmill.io.parts import PARTS_DIR
+from tokenmill.models.resolve import cache_root
 
 RESULTS_FILE = "results.parquet"
 REUSABLE = ("stop", "length")  # finish reasons whose raw output can be reused
@@ -89,9 +90,7 @@ class ResultCache:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokenmill")
-    return Path(root) / "results"
+    return cache_root() / "results"
 
 
 class OutputLock:

@@ -46,7 +46,8 @@ def resolve_model(name_or_path: str | None) -> Path:
     return path.resolve()
 
 
-def _cache_dir() -> Path:
+def cache_root() -> Path:
+    """tokenmill's cache folder: $TOKENMILL_CACHE_DIR, else the user's cache dir."""
     root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokenmill"
     )
@@ -57,7 +58,7 @@ def model_sha256(path: Path) -> str:
     """SHA-256 of the model file, cached by path + size + mtime so it is computed once."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_file = _cache_dir() / "model_hashes.json"
+    index_file = cache_root() / "model_hashes.json"
     try:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError):

@@ -303,11 +303,11 @@ class Job:
                 info["row_key"] = row_key(self.model_sha, prompt, self.params)
                 yield info, prompt, None
 
+    def _parse(self, text: str):
+        return self.task.parse(text.strip() if self.config.strip else text)
+
     def _finish(self, record: dict, info: dict, produced: str | None = None) -> dict:
-        parse = self.task.parse
-        if self.config.strip:
-            parse = lambda text, _parse=self.task.parse: _parse(text.strip())  # noqa: E731
-        return finish(record, info, self.task.output_column, parse, produced)
+        return finish(record, info, self.task.output_column, self._parse, produced)
 
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
