@@ -25,12 +25,19 @@ def parser() -> argparse.ArgumentParser:
                       "OUT/results.parquet with an `extracted` struct column and `raw_output`, and OUT/usage.parquet.")
     p.add_argument("--schema", required=True,
                    help="a JSON Schema file (.json), or a job spec (.yaml) with a `schema` key")
+    p.add_argument("--no-grammar", dest="grammar", action="store_false",
+                   help="generate without the schema's grammar: validate each reply and ask again with the "
+                        "validator's message, up to --max-retries times (what a backend without grammar "
+                        "support, such as gpt4all, always does)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="without grammar: new tries after an invalid reply before the row is an error (default 2)")
     p.set_defaults(max_tokens=192)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    return cli_main(args, config_from_args(args, schema=args.schema), prepare_extract, extract_flow)
+    config = config_from_args(args, schema=args.schema, grammar=args.grammar, max_retries=args.max_retries)
+    return cli_main(args, config, prepare_extract, extract_flow)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,19 @@ def parser() -> argparse.ArgumentParser:
     p = common_parser("python -m flows.summarize", "Summarize each row's text with a local model. "
                       "Writes OUT/results.parquet (one row per input row) and OUT/usage.parquet (one row per run).")
     p.add_argument("--max-words", type=int, default=40, help="the summary length asked for in the prompt (default 40)")
+    p.add_argument("--split-long", action=argparse.BooleanOptionalAction, default=True,
+                   help="a text whose prompt does not fit --n-ctx minus --max-tokens is cut at paragraph, then "
+                        "sentence boundaries; each part is summarized and the summaries are combined with "
+                        "prompts/reduce/ (the results' `chunks` column counts the parts). With --no-split-long "
+                        "such a row fails alone (default: on)")
+    p.add_argument("--max-chunks", type=int, default=100,
+                   help="most parts one text may be cut into; a longer text fails alone (default 100)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    return cli_main(args, config_from_args(args, max_words=args.max_words), prepare_summarize, summarize_flow)
+    config = config_from_args(args, max_words=args.max_words, split_long=args.split_long, max_chunks=args.max_chunks)
+    return cli_main(args, config, prepare_summarize, summarize_flow)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ RESULTS_FILE = "results.parquet"
 REUSABLE = ("stop", "length")  # finish reasons whose raw output can be reused
 # The fields a reused result takes from the stored record; the rest is recomputed.
 STORED_FIELDS = ("row_key", "raw_output", "finish_reason", "error", "prompt_tokens", "cached_tokens",
-                 "completion_tokens", "latency_ms", "queue_ms", "prompt_ms", "decode_ms", "model", "produced",
+                 "completion_tokens", "chunks", "calls", "latency_ms", "queue_ms", "prompt_ms", "decode_ms", "model", "produced",
                  "run_id")
 
 

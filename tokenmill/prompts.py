@@ -31,6 +31,7 @@ TASK_VARIABLES: dict[str, set[str]] = {
     "extract": {"schema", "fields"},
     "simulate": {"agent", "memory", "observation"},
     "reduce": {"summaries"},
+    "repair": {"error", "output"},
 }
 
 

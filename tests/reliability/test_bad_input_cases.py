@@ -127,4 +127,4 @@ def test_a_ten_megabyte_row_fails_alone(run_flow, tmp_path):
     assert result.returncode == 3, result.stderr
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]
-    assert "--n-ctx" in df["error"][1] and "tokens" in df["error"][1]
+    assert "--n-ctx" in df["error"][1] and "tokens" in df["error"][1] and "--max-chunks" in df["error"][1]

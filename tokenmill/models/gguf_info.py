@@ -54,7 +54,12 @@ class ModelInfo:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of a full prompt (BOS included when the model adds one, special tokens parsed)."""
         return len(self.tokenize(text))
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of plain text inside a prompt: no BOS, special-token names as ordinary text."""
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _token_text(self, token: int) -> str:
         if token < 0:

@@ -47,6 +47,7 @@ from tokenmill.models.llama_sampling import (
 PREFIX_SEQ = 0
 MIN_SHARED = 8  # a shorter common prefix is not worth trimming the cached one for
 MAX_SLOTS = 16
+IDLE_WAIT_S = 0.005
 DEFAULT_KV_UNIFIED = False
 _SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
                 "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
@@ -89,8 +90,11 @@ class LlamaBatchedBackend:
     llama_decode calls and seconds, prompt and generated tokens decoded).
     """
 
+    polls_input = True  # generate() accepts None from its request iterable: "nothing now"
+
     def __init__(self, settings: ModelSettings, *, kv_unified: bool | None = None):
         self.settings = settings
+        self.on_step = None  # called after every llama_decode (Backend protocol)
         self.kv_unified = DEFAULT_KV_UNIFIED if kv_unified is None else kv_unified
         self._model = self._ctx = self._batch = None
         self._busy = False
@@ -181,8 +185,10 @@ class LlamaBatchedBackend:
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[Completion]:
         """Yield one Completion per request, as each finishes (order not kept).
 
-        Blocks in `next(requests)` whenever a slot is free, so a feeder must keep more
-        requests coming than there are slots, or end the iterable.
+        Calls `next(requests)` whenever a slot is free. The iterable may yield None for
+        "nothing to send now" (`polls_input`): rows already running go on, and an idle
+        engine asks again shortly. A blocking iterable works too, but then a feeder must keep
+        more requests coming than there are slots, or end the iterable.
         """
         if self._busy:
             raise RuntimeError("LlamaBatchedBackend.generate is already running; one run at a time")
@@ -248,7 +254,10 @@ class _Run:
             self.admit()
             yield from self.flush()
             if not self.rows:
-                return  # admit() seats any pending row once nothing runs, so all is done
+                if self.exhausted:
+                    return  # admit() seats any pending row once nothing runs, so all is done
+                time.sleep(IDLE_WAIT_S)  # the source has nothing now; more may come
+                continue
             self.start_ready()
             for call in self.plan_step():
                 self.decode(call)
@@ -275,6 +284,8 @@ class _Run:
                 req = next(self.source)
             except StopIteration:
                 self.exhausted = True
+                return False
+            if req is None:  # nothing to admit right now (see LlamaBatchedBackend.polls_input)
                 return False
             self.pending = self.prepare(req)
             if self.pending is not None:
@@ -416,6 +427,8 @@ class _Run:
         if not n:
             return
         ret = e._decode(n)
+        if e.on_step is not None:
+            e.on_step()  # the worker's heartbeat: long prompts are work, not a hang
         if ret != 0:
             return self.on_decode_failure(ret, plan)
         n_gen = sum(1 for r, _k in call if r is not None and r.next_token >= 0)

@@ -21,6 +21,7 @@ def results_schema(output_column: str, output_dtype: Any, id_dtype: Any) -> dict
         "status": pl.String, "error": pl.String, "finish_reason": pl.String, "raw_output": pl.String,
         "produced": pl.String, "run_id": pl.String,
         "prompt_tokens": pl.Int64, "cached_tokens": pl.Int64, "completion_tokens": pl.Int64,
+        "chunks": pl.Int64, "calls": pl.Int64,
         "latency_ms": pl.Float64, "queue_ms": pl.Float64, "prompt_ms": pl.Float64, "decode_ms": pl.Float64,
         "model": pl.String,
     }

@@ -7,6 +7,7 @@ turn generated text into that column; everything else lives here once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, defa
 from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import ModelWorker
+from tokenmill.pool import GRAMMAR_BACKENDS, ModelWorker, supports_grammar
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
+from tokenmill.tasks.longdoc import DoesNotFit, part_prompts, refuse_oversized
+from tokenmill.tasks.plans import Call, MapReduce, Repair, SingleCall
 from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
 from tokenmill.usage import Prices, RunStats
 
@@ -55,6 +58,10 @@ class JobConfig:
     backend: str = "llama"
     chunk_size: int = 32
     max_words: int = 40
+    split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
+    max_chunks: int = 100  # most parts one text may be cut into
+    grammar: bool = True  # extract: constrain output with the schema's grammar where the backend can
+    max_retries: int = 2  # extract without grammar: new tries after an invalid reply
     schema: str | None = None  # extraction: a JSON Schema file or a job spec holding one
     hang_timeout_s: float = 300.0
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
@@ -67,6 +74,9 @@ class JobConfig:
     def validate(self) -> None:
         if self.max_tokens <= 0:
             raise InputError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens}")
+        if self.max_tokens >= self.n_ctx:
+            raise InputError(f"--max-tokens {self.max_tokens} leaves no room for the prompt in --n-ctx {self.n_ctx}; "
+                             "raise --n-ctx or lower --max-tokens")
         if self.limit is not None and self.limit <= 0:
             raise InputError(f"--limit must be positive, got {self.limit}")
         if self.temperature < 0:
@@ -75,6 +85,10 @@ class JobConfig:
             raise InputError(f"--prompt-family {self.prompt_family!r} is unknown; choose one of: {', '.join(FAMILIES)}")
         if self.chunk_size <= 0:
             raise InputError(f"--chunk-size must be positive, got {self.chunk_size}")
+        if self.max_chunks <= 0:
+            raise InputError(f"--max-chunks must be positive, got {self.max_chunks}")
+        if self.max_retries < 0:
+            raise InputError(f"--max-retries must be 0 or more, got {self.max_retries}")
 
 
 @dataclass
@@ -89,6 +103,7 @@ class TaskSpec:
     grammar: str | None = None  # GBNF constraining every row's output
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
+    splits: bool = False  # a text too long for the context is summarized in parts and combined
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
@@ -133,6 +148,17 @@ class Job:
         self.template = load_task_template(task.name, config.prompt, family=self.family)
         self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
+        available = set(self.table.columns) | STANDARD_VARIABLES
+        # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
+        self.use_grammar = bool(task.grammar) and config.grammar and supports_grammar(config.backend)
+        self.repair_template = None
+        if task.grammar and not self.use_grammar:
+            self.repair_template = load_task_template("repair", family=self.family)
+            self.repair_template.check_variables(available, TASK_VARIABLES["repair"])
+        self.reduce_template = None
+        if task.splits and config.split_long:
+            self.reduce_template = load_task_template("reduce", family=self.family)
+            self.reduce_template.check_variables(available, TASK_VARIABLES["reduce"])
         self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
         if create_out:
             check_out_dir_task(self.out, task.name)
@@ -140,8 +166,15 @@ class Job:
         self.model_sha = model_sha256(self.model_path)
         self.params = {
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
-            "stop": task.stop, "task": task.name, "grammar": task.grammar, **task.key,
+            "stop": task.stop, "task": task.name, "grammar": task.grammar if self.use_grammar else None, **task.key,
         }
+        if self.repair_template is not None:
+            self.params["repair"] = [config.max_retries, self.repair_template.source]
+        if config.backend not in GRAMMAR_BACKENDS:  # another runtime may not give llama.cpp's exact text
+            self.params["runtime"] = config.backend
+        # a long text's parts depend on the context size; its result on the combining template
+        self.split_params = {"split_n_ctx": config.n_ctx,
+                             "reduce": self.reduce_template.source if self.reduce_template else None}
         self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
         self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
         # (a template that cannot render the first row has failed here, before any generation)
@@ -161,18 +194,38 @@ class Job:
         return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
                              n_gpu_layers=c.n_gpu_layers, backend=c.backend)
 
-    def render(self, row: dict) -> str:
-        """The full prompt for one row: task template, then the model's chat template."""
+    def _variables(self, row: dict, **extra) -> dict:
         variables = {**row, **self.task.variables, "text": row.get(self.table.column), "row": row,
-                     "max_words": self.config.max_words}
+                     "max_words": self.config.max_words, **extra}
         variables.pop(ROW, None)
-        user = self.template.render(variables).strip()
-        prompt = self.chat.wrap(user)
+        return variables
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        prompt = self.chat.render(messages)
         # The tokenizer adds BOS itself; a template that also writes it would double it.
         bos = self.model_info.bos_token
         if bos and self.model_info.adds_bos and prompt.startswith(bos):
             prompt = prompt[len(bos):]
         return prompt
+
+    def render_user(self, row: dict) -> str:
+        """The task template's text for one row, before the chat template wraps it."""
+        return self.template.render(self._variables(row)).strip()
+
+    def render(self, row: dict) -> str:
+        """The full prompt for one row: task template, then the model's chat template."""
+        return self._chat([{"role": "user", "content": self.render_user(row)}])
+
+    def render_reduce(self, row: dict, summaries: list[str]) -> str:
+        """The prompt that combines partial summaries of one row's text."""
+        text = self.reduce_template.render(self._variables(row, summaries=summaries, text="\n".join(summaries)))
+        return self._chat([{"role": "user", "content": text.strip()}])
+
+    def render_repair(self, row: dict, reply: str, problem: str) -> str:
+        """The conversation so far plus the validator's message, asking for a corrected reply."""
+        ask = self.repair_template.render(self._variables(row, error=problem, output=reply)).strip()
+        return self._chat([{"role": "user", "content": self.render_user(row)},
+                           {"role": "assistant", "content": reply}, {"role": "user", "content": ask}])
 
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
@@ -233,75 +286,122 @@ class Job:
                   emit: Callable[[dict], None]) -> None:
         """Feed the worker the rows nobody has generated yet; reuse or fan out the rest."""
         window = max(64, 4 * (self.config.n_seq or DEFAULT_SLOTS))  # more than the backend's slots, see pool.py
-        in_flight: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
-        by_index: dict[int, str] = {}
+        waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
+        plans: dict[str, Any] = {}  # row key -> its plan (tasks/plans.py), while calls are outstanding
+        calls: dict[int, tuple[str, int]] = {}  # request index -> (row key, slot in its plan)
+        ids = itertools.count()
         done: dict[str, dict] = {}  # this run's generations, for duplicates later in the input
         rows = self._prepared_rows()
         exhausted = False
+
+        def submit(key: str, new_calls: list[Call]) -> None:
+            for slot, call in enumerate(new_calls):
+                index = next(ids)
+                calls[index] = (key, slot)
+                worker.submit(GenerationRequest(
+                    index=index, prompt=call.prompt, max_tokens=self.config.max_tokens,
+                    temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
+                    grammar=call.grammar))
+
         while True:
             while not exhausted and worker.in_flight < window:
                 item = next(rows, None)
                 if item is None:
                     exhausted = True
-                    worker.end_input()
                     break
-                info, prompt, error = item
+                info, plan, error = item
                 key = info["row_key"]
                 if error is not None:
                     emit(self._finish({**info, "raw_output": None, "finish_reason": "error", "error": error,
                                        "model": self.model_info.name, "run_id": stats.run_id}, info, SKIPPED))
                 elif key in done:
                     emit(self._finish(done[key], info, DUPLICATE))
-                elif key in in_flight:
-                    in_flight[key].append(info)
+                elif key in waiting:
+                    waiting[key].append(info)
                 elif (record := ledger.get(key, self.config.retry_errors)) is not None:
                     emit(self._finish(record, info))
                 elif cache is not None and (record := cache.get(key)) is not None:
                     emit(self._finish(record, info, CACHED))
                 else:
-                    in_flight[key] = [info]
-                    by_index[info["row"]] = key
-                    worker.submit(GenerationRequest(
-                        index=info["row"], prompt=prompt, max_tokens=self.config.max_tokens,
-                        temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
-                        grammar=self.task.grammar))
+                    waiting[key] = [info]
+                    plans[key] = plan
+                    submit(key, plan.start())
             if exhausted and not worker.in_flight:
+                worker.end_input()
                 return
             for completion in worker.poll():
-                key = by_index.pop(completion.index)
-                waiting = in_flight.pop(key)
-                record = from_completion(waiting[0], completion, self.model_info.name, stats.run_id)
+                key, slot = calls.pop(completion.index)
                 stats.add_generation(completion)
+                plan = plans.get(key)
+                if plan is None:  # the row already ended (another of its calls failed)
+                    continue
+                outcome = plan.feed(slot, completion)
+                if isinstance(outcome, list):
+                    submit(key, outcome)
+                    continue
+                del plans[key]
+                rows_waiting = waiting.pop(key)
+                record = from_completion(rows_waiting[0], outcome, self.model_info.name, stats.run_id)
+                record.update(chunks=plan.chunks, calls=plan.calls)
                 if cache is not None:
                     cache.put(record)
                 done[key] = record
-                emit(self._finish(record, waiting[0]))
-                for info in waiting[1:]:
+                emit(self._finish(record, rows_waiting[0]))
+                for info in rows_waiting[1:]:
                     emit(self._finish(record, info, DUPLICATE))
 
-    def _prepared_rows(self) -> Iterator[tuple[dict, str | None, str | None]]:
-        """(row info, rendered prompt, error) for every input row, chunk by chunk."""
+    def _prepared_rows(self) -> Iterator[tuple[dict, Any, str | None]]:
+        """(row info, plan of model calls, error) for every input row, chunk by chunk."""
         c = self.config
         for chunk in self.table.chunks(c.chunk_size):
             for row in chunk.iter_rows(named=True):
                 index = row[ROW]
                 info = {"row": index, "id": row[c.id_column] if c.id_column else index, "row_key": None}
-                text = row.get(self.table.column)
-                if text is None or (isinstance(text, str) and not text.strip()):
-                    yield info, None, f"column {self.table.column!r} is empty in this row"
-                    continue
-                if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx:  # cannot fit, whatever the tokenizer
-                    yield info, None, (f"column {self.table.column!r} holds {len(str(text)):,} characters, far more "
-                                       f"than the {c.n_ctx} tokens of --n-ctx can hold; raise --n-ctx or split "
-                                       "the text into several rows")
-                    continue
                 try:
-                    prompt = self.render(row)
-                except TemplateError as exc:
+                    info["row_key"], plan = self._plan(row)
+                except (TemplateError, DoesNotFit) as exc:
                     yield info, None, str(exc)
                     continue
-                info["row_key"] = row_key(self.model_sha, prompt, self.params)
-                yield info, prompt, None
+                yield info, plan, None
+
+    def _plan(self, row: dict) -> tuple[str, Any]:
+        """The row's key and the model calls it takes: one, parts and combining steps, or tries."""
+        c, column = self.config, self.table.column
+        text = row.get(column)
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise DoesNotFit(f"column {column!r} is empty in this row")
+        parts_allowed = c.max_chunks if self.reduce_template is not None else 1
+        if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
+            raise DoesNotFit(f"column {column!r} holds {len(str(text)):,} characters, far more than "
+                             f"{parts_allowed} part(s) of the {c.n_ctx} tokens of --n-ctx can hold; raise --n-ctx "
+                             "or split the text into several rows")
+        limit = c.n_ctx - c.max_tokens
+        if self.reduce_template is not None:  # judge a huge text before rendering all of it
+            refuse_oversized(str(text), self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        prompt = self.render(row)
+        count = self.model_info.count_tokens
+        if (n := count(prompt)) <= limit:
+            key = row_key(self.model_sha, prompt, self.params)
+            if self.repair_template is not None:
+                return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
+                                   attempts=c.max_retries + 1)
+            return key, SingleCall(prompt, self.task.grammar if self.use_grammar else None)
+        if self.reduce_template is None:
+            hint = " (or let it be cut into parts: --split-long)" if self.task.splits else ""
+            raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
+                             f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
+        parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
+                             self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
+        return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
+
+    def _problem(self, reply: str) -> str | None:
+        """Why a reply would not parse or validate, or None when it is fine (for plans.Repair)."""
+        try:
+            self._parse(reply)
+        except Exception as exc:
+            return str(exc)
+        return None
 
     def _parse(self, text: str):
         return self.task.parse(text.strip() if self.config.strip else text)

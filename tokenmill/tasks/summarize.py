@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenmill.tasks.runner import Job, JobConfig, TaskSpec
 
-SUMMARIZE = TaskSpec(name="summarize", output_column="summary")
+SUMMARIZE = TaskSpec(name="summarize", output_column="summary", splits=True)
 
 
 def prepare_summarize(config: JobConfig, create_out: bool = True) -> Job:
