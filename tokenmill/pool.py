@@ -16,7 +16,22 @@ from typing import Iterable, Iterator
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
-BACKENDS = ("llama", "llama-simple")
+BACKENDS = ("llama", "llama-simple", "gpt4all")
+
+# What each backend can do beyond plain generation. Without grammar support a request's
+# `grammar` is ignored by the backend; the caller validates the output instead.
+CAPABILITIES: dict[str, dict[str, bool]] = {
+    "llama": {"grammar": True},
+    "llama-simple": {"grammar": True},
+    "gpt4all": {"grammar": False},
+}
+
+
+def supports_grammar(backend: str) -> bool:
+    """Whether `backend` constrains generation with a request's GBNF grammar."""
+    if backend not in CAPABILITIES:
+        raise ModelError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return CAPABILITIES[backend]["grammar"]
 
 
 def make_backend(settings: ModelSettings):
@@ -29,6 +44,10 @@ def make_backend(settings: ModelSettings):
         from tokenmill.models.llama_simple import LlamaSimpleBackend
 
         return LlamaSimpleBackend(settings)
+    if settings.backend == "gpt4all":
+        from tokenmill.models.gpt4all_backend import Gpt4AllBackend
+
+        return Gpt4AllBackend(settings)
     raise ModelError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
