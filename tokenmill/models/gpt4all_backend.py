@@ -7,10 +7,18 @@ GPT4All ships its own, older llama.cpp. Two things make it usable for tokenmill:
   `gpt4all_model_file` writes a copy of the GGUF whose `tokenizer.ggml.pre` says an equivalent
   name GPT4All knows, once, into tokenmill's cache. The original file is never touched.
 * `GPT4All.generate` without a chat session sends the prompt through the template "%1" (no
-  wrapping), but tokenizes it with special-token parsing OFF, so `<|im_start|>` would become
-  ordinary text tokens. tokenmill's prompts are fully rendered chat prompts, so this backend
-  calls the lower-level `LLModel.prompt_model(..., special=True)` with the same "%1" template
-  and a fresh context per row.
+  wrapping) with a fresh context, but tokenizes it with special-token parsing OFF, so
+  `<|im_start|>` would become ordinary text tokens; and after the reply it also decodes a
+  default "\n\n" assistant suffix into the context. tokenmill's prompts are fully rendered chat
+  prompts, so this backend calls the lower-level `LLModel.prompt_model(..., special=True)` with
+  the template "%1%2" (nothing before, between or after) and a fresh context per row. The
+  tokens fed to the model are then exactly those llama-cpp-python feeds (BOS only when the
+  model asks for it).
+
+GPT4All quirks that remain: it always stops generating at "### Instruction", "### Prompt",
+"### Response", "### Human", "### Assistant" and "### Context"; it has no sampling seed; it
+caps the prompt batch at 128 tokens; and it would shift (erase) the context instead of failing
+when a row outgrows it, so rows that cannot fit are refused before generation.
 """
 
 from __future__ import annotations
