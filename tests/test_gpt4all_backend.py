@@ -169,3 +169,11 @@ def test_cli_summarize_with_the_gpt4all_backend(run_flow, tmp_path):
     assert all(s and s.strip() for s in df["summary"].to_list())
     assert (df["prompt_tokens"] > 0).all() and (df["completion_tokens"] > 0).all()
     assert pl.read_parquet(out / "usage.parquet")["backend"].to_list() == ["gpt4all"]
+
+
+def test_a_model_gpt4all_refuses_fails_with_its_reason(cache_dir, original, monkeypatch):
+    from tokenmill.errors import ModelError
+
+    monkeypatch.setattr(gpt4all_backend, "gpt4all_model_file", lambda path: path)  # skip the patched copy
+    with pytest.raises(ModelError, match="unknown pre-tokenizer type: 'smollm'"):
+        Gpt4AllBackend(ModelSettings(model_path=str(original[0]), n_ctx=512, backend="gpt4all"))

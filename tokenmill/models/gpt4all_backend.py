@@ -174,12 +174,15 @@ class Gpt4AllBackend:
                 self.gpt = GPT4All(self.model_file.name, model_path=self.model_file.parent, allow_download=False,
                                    n_threads=self.n_threads, device=gpu or "cpu", n_ctx=settings.n_ctx, ngl=ngl,
                                    verbose=False)
-        except Exception as exc:
-            raise ModelError(f"GPT4All could not load {source}: {exc}") from None
-        # GPT4All ignores the result of its own load call; a refused model only shows here.
-        if not llmodel.llmodel_isModelLoaded(self.gpt.model.model):
-            self.gpt.close()
-            why = _load_errors("".join(log)) or "no reason given"
+            loaded = bool(llmodel.llmodel_isModelLoaded(self.gpt.model.model))
+            failure = None
+        except Exception as exc:  # with n_threads set, a refused model surfaces as "Model not loaded"
+            loaded, failure = False, exc
+        # GPT4All ignores the result of its own load call; the reason is only in its log.
+        if not loaded:
+            if failure is None:
+                self.gpt.close()
+            why = _load_errors("".join(log)) or str(failure or "no reason given")
             raise ModelError(f"GPT4All could not load {source}: {why}; its llama.cpp may not support this "
                              "model's architecture or tokenizer")
         self.gpu = gpu
