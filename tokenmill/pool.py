@@ -16,13 +16,25 @@ from typing import Iterable, Iterator
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
-BACKENDS = ("llama", "llama-simple")
-GRAMMAR_BACKENDS = ("llama", "llama-simple")  # backends that constrain output with a GBNF grammar
+BACKENDS = ("llama", "llama-simple", "gpt4all")
+# Backends that give the same text for the same request (tests/test_batched_engine.py checks
+# it), so they share row keys and cached results; another runtime's rows get keys of their own.
+SAME_TEXT_BACKENDS = ("llama", "llama-simple")
+
+# What each backend can do beyond plain generation. Without grammar support a request's
+# `grammar` is ignored by the backend; the caller validates the output instead.
+CAPABILITIES: dict[str, dict[str, bool]] = {
+    "llama": {"grammar": True},
+    "llama-simple": {"grammar": True},
+    "gpt4all": {"grammar": False},
+}
 
 
 def supports_grammar(backend: str) -> bool:
-    """Whether `backend` honours GenerationRequest.grammar; without it, extraction validates and retries."""
-    return backend in GRAMMAR_BACKENDS
+    """Whether `backend` constrains generation with a request's GBNF grammar."""
+    if backend not in CAPABILITIES:
+        raise ModelError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return CAPABILITIES[backend]["grammar"]
 
 
 def make_backend(settings: ModelSettings):
@@ -35,6 +47,10 @@ def make_backend(settings: ModelSettings):
         from tokenmill.models.llama_simple import LlamaSimpleBackend
 
         return LlamaSimpleBackend(settings)
+    if settings.backend == "gpt4all":
+        from tokenmill.models.gpt4all_backend import Gpt4AllBackend
+
+        return Gpt4AllBackend(settings)
     raise ModelError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
@@ -62,21 +78,10 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
 
     backend.on_step = heartbeat
 
-    polls = getattr(backend, "polls_input", False)
-
-    def incoming() -> Iterator[GenerationRequest | None]:
-        # The parent sends None when its input has ended. A backend that runs many rows at once
-        # must not block here while its rows could be decoding (a row may need more calls
-        # after this one finishes: a long document's combining step), so it gets None for
-        # "nothing now"; a one-row-at-a-time backend simply waits.
-        while True:
-            try:
-                item = requests.get_nowait() if polls else requests.get()
-            except queue.Empty:
-                yield None
-                continue
-            if item is None:
-                return
+    def incoming() -> Iterator[GenerationRequest]:
+        # Blocks only while the parent has nothing to send; the parent keeps more requests
+        # in flight than the backend has slots, and sends None when its input has ended.
+        while (item := requests.get()) is not None:
             yield item
 
     for completion in backend.generate(incoming()):
@@ -240,8 +245,6 @@ class ModelWorker:
             self._proc.kill()
         if self._proc is not None:
             self._proc.join(5)
-            # requests the dead process never read must not keep this process from exiting
-            self._requests.cancel_join_thread()
         self._proc = None
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, defa
 from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import GRAMMAR_BACKENDS, ModelWorker, supports_grammar
+from tokenmill.pool import SAME_TEXT_BACKENDS, ModelWorker, supports_grammar
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import DoesNotFit, part_prompts, refuse_oversized
@@ -170,7 +170,7 @@ class Job:
         }
         if self.repair_template is not None:
             self.params["repair"] = [config.max_retries, self.repair_template.source]
-        if config.backend not in GRAMMAR_BACKENDS:  # another runtime may not give llama.cpp's exact text
+        if config.backend not in SAME_TEXT_BACKENDS:  # another runtime gives other text (tests/test_gpt4all_backend.py)
             self.params["runtime"] = config.backend
         # a long text's parts depend on the context size; its result on the combining template
         self.split_params = {"split_n_ctx": config.n_ctx,
