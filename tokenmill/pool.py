@@ -78,10 +78,21 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue)
 
     backend.on_step = heartbeat
 
-    def incoming() -> Iterator[GenerationRequest]:
-        # Blocks only while the parent has nothing to send; the parent keeps more requests
-        # in flight than the backend has slots, and sends None when its input has ended.
-        while (item := requests.get()) is not None:
+    polls = getattr(backend, "polls_input", False)
+
+    def incoming() -> Iterator[GenerationRequest | None]:
+        # The parent sends None when its input has ended. A backend that runs many rows at once
+        # must not block here while its rows could be decoding (a row may need more calls
+        # after this one finishes: a long document's combining step), so it gets None for
+        # "nothing now"; a one-row-at-a-time backend simply waits.
+        while True:
+            try:
+                item = requests.get_nowait() if polls else requests.get()
+            except queue.Empty:
+                yield None
+                continue
+            if item is None:
+                return
             yield item
 
     for completion in backend.generate(incoming()):
@@ -245,6 +256,8 @@ class ModelWorker:
             self._proc.kill()
         if self._proc is not None:
             self._proc.join(5)
+            # requests the dead process never read must not keep this process from exiting
+            self._requests.cancel_join_thread()
         self._proc = None
 
     def close(self) -> None:
