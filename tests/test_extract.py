@@ -81,3 +81,55 @@ def test_invalid_or_unsupported_schema_fails_before_any_row(run_flow, e2e_csv, t
     line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr and str(path) in line and needle in line, line
     assert not (out / "results.parquet").exists()
+
+
+# -- without grammar (backends such as gpt4all): validate, ask again, then error -------------
+
+
+def test_repair_plan_asks_again_with_the_validators_message_then_gives_up():
+    from tokenmill.models.base import Completion
+    from tokenmill.tasks.plans import Repair
+
+    def check(reply):
+        return None if reply.startswith("{") else "not a JSON object"
+
+    asked = []
+    plan = Repair("prompt", check, lambda reply, problem: asked.append((reply, problem)) or f"again: {problem}",
+                  attempts=3)
+    assert [c.prompt for c in plan.start()] == ["prompt"]
+    again = plan.feed(0, Completion(0, "nope", "stop", prompt_tokens=10, completion_tokens=2))
+    assert [c.prompt for c in again] == ["again: not a JSON object"] and asked == [("nope", "not a JSON object")]
+    done = plan.feed(0, Completion(1, '{"a": 1}', "stop", prompt_tokens=20, completion_tokens=5))
+    assert done.text == '{"a": 1}' and (done.prompt_tokens, done.completion_tokens, plan.calls) == (30, 7, 2)
+
+    stubborn = Repair("prompt", check, lambda reply, problem: "again", attempts=2)
+    stubborn.start()
+    assert stubborn.feed(0, Completion(0, "no", "stop"))[0].prompt == "again"
+    last = stubborn.feed(0, Completion(1, "still no", "stop"))
+    assert last.text == "still no" and stubborn.calls == 2  # the last reply stands; parsing makes it an error
+
+
+@pytest.fixture(scope="module")
+def without_grammar(run_flow, e2e_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nogrammar") / "out"
+    result = run_flow("extract", str(e2e_csv), "--column", "ref", "--schema", str(SPEC), "--limit", "8",
+                      "--no-grammar", "--max-retries", "2", "--out", str(out), "--no-cache")
+    return result, out
+
+
+def test_without_grammar_every_ok_row_is_valid_and_failures_used_every_try(without_grammar):
+    result, out = without_grammar
+    assert result.returncode in (0, 3), result.stderr
+    df = pl.read_parquet(out / "results.parquet")
+    assert df.height == 8 and set(df["calls"].to_list()) <= {1, 2, 3}
+    schema, _ = load_schema(str(SPEC))
+    for row in df.iter_rows(named=True):
+        if row["status"] == "ok":
+            jsonschema.validate(json.loads(row["raw_output"]), schema)
+        else:  # three tries, and the last invalid reply is kept with the validator's message
+            assert row["calls"] == 3 and row["raw_output"] is not None
+            assert row["error"].startswith("could not parse the model's output"), row["error"]
+    usage = pl.read_parquet(out / "usage.parquet").row(0, named=True)
+    assert usage["prompt_tokens"] == df["prompt_tokens"].sum()  # every try is counted
+    params = json.loads(usage["params"])
+    assert params["grammar"] is None and params["repair"][0] == 2

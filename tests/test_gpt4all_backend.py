@@ -171,6 +171,35 @@ def test_cli_summarize_with_the_gpt4all_backend(run_flow, tmp_path):
     assert pl.read_parquet(out / "usage.parquet")["backend"].to_list() == ["gpt4all"]
 
 
+def test_cli_extract_with_gpt4all_validates_and_retries_without_grammar(run_flow, tmp_path):
+    import json
+
+    import jsonschema
+
+    from tests.conftest import DATASETS, REPO
+    from tokenmill.schema import load_schema
+
+    e2e = DATASETS / "e2e" / "dev.csv"
+    if not e2e.exists():
+        pytest.skip(f"shared dataset missing: {e2e}")
+    spec = REPO / "jobs" / "restaurants.yaml"
+    out = tmp_path / "out"
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(spec), "--limit", "3",
+                      "--backend", "gpt4all", "--max-retries", "1", "--max-tokens", "120", "--out", str(out),
+                      "--no-cache")
+    assert result.returncode in (0, 3), result.stderr
+    df = pl.read_parquet(out / "results.parquet")
+    schema, _ = load_schema(str(spec))
+    assert df.height == 3 and set(df["calls"].to_list()) <= {1, 2}
+    for row in df.iter_rows(named=True):
+        if row["status"] == "ok":
+            jsonschema.validate(json.loads(row["raw_output"]), schema)
+        else:
+            assert row["calls"] == 2 and row["error"].startswith("could not parse"), row
+    usage = pl.read_parquet(out / "usage.parquet").row(0, named=True)
+    assert json.loads(usage["params"])["grammar"] is None and usage["calls"] == df["calls"].sum()
+
+
 def test_a_model_gpt4all_refuses_fails_with_its_reason(cache_dir, original, monkeypatch):
     from tokenmill.errors import ModelError
 

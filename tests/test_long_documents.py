@@ -146,6 +146,7 @@ def test_long_document_usage_is_the_sum_over_every_call(long_run):
     # usage.parquet counts each model call as the worker reported it; the rows hold the sums
     assert usage["prompt_tokens"] == df["prompt_tokens"].sum()
     assert usage["completion_tokens"] == df["completion_tokens"].sum()
+    assert usage["calls"] == df["calls"].sum()
     assert usage["rows_generated"] == 3
 
 

@@ -13,6 +13,7 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from tokenmill.errors import TemplateError, TemplateSecurityError
+from tokenmill.models.gguf_info import write_gguf_copy
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import default_model_path
 from tokenmill.prompts import ChatTemplate, load_task_template
@@ -144,35 +145,10 @@ def smollm_reader():
 
 
 def write_gguf(reader: gguf.GGUFReader, dst: Path, chat_template: str, tensors: bool = True) -> Path:
-    """A copy of the GGUF behind `reader` with another tokenizer.chat_template, kept in its place.
-
-    Every KV pair is copied as it is (gguf_new_metadata.py's logic); with `tensors=False` the
-    weights are left out, which a vocab-only load (ModelInfo) does not need.
-    """
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
-    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = alignment.contents()
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        value = chat_template if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE else field.contents()
-        writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-    if tensors:
-        for tensor in reader.tensors:
-            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                                   tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    if tensors:
-        for tensor in reader.tensors:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
-    return dst
+    """A copy of the GGUF behind `reader` with another tokenizer.chat_template (tokenmill's own
+    GGUF copier, which the gpt4all backend uses too); without tensors for vocab-only loads."""
+    return write_gguf_copy(default_model_path(), dst, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: chat_template},
+                           tensors=tensors, reader=reader)
 
 
 def load_info(path: Path) -> ModelInfo:

@@ -33,12 +33,14 @@ class RunStats:
     prompt_tokens: int = 0  # tokens the model processed in this run
     cached_tokens: int = 0
     completion_tokens: int = 0
+    calls: int = 0  # model calls: one per row, more for long texts and extraction retries
     tokens_saved: int = 0  # prompt + completion tokens of rows reused instead of generated
     engine: dict = field(default_factory=dict)  # the backend's own counters (per-phase decode time)
     _t0: float = field(default_factory=time.perf_counter)
 
     def add_generation(self, completion) -> None:
         """Count what the model did for one request."""
+        self.calls += 1
         self.prompt_tokens += completion.prompt_tokens
         self.cached_tokens += completion.cached_tokens
         self.completion_tokens += completion.completion_tokens
@@ -89,6 +91,7 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
+            "calls": self.calls,
             "tokens_saved": self.tokens_saved,
             "wall_s": wall,
             "tokens_per_s": self.tokens / wall if wall > 0 else 0.0,

@@ -192,3 +192,26 @@ def test_disk_full_stops_with_a_clear_error_and_readable_parts(prefect_server, t
     assert parts, "some parts fit before the disk filled"
     for part in parts:
         assert pl.read_parquet(part).height > 0
+
+
+def test_long_prompts_are_work_not_a_hang(tmp_path):
+    """The batched engine reports after every decode, so minutes of prompt evaluation before a
+    row's first token do not look like a silent worker (a 15 s hang limit here, rows that take
+    longer than that to evaluate before any of them finishes)."""
+    from tokenmill.models.base import GenerationRequest, ModelSettings
+    from tokenmill.models.resolve import default_model_path
+    from tokenmill.pool import ModelWorker
+
+    texts = [r["text"] for r in scitldr_rows(48)]
+    prompts = [" ".join(texts[i::4])[:7000] for i in range(4)]  # ~1,500 tokens each, no shared prefix
+    worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=2048 * 5, n_seq=4),
+                         hang_timeout_s=15)
+    started = time.monotonic()
+    try:
+        done = list(worker.run(GenerationRequest(index=i, prompt=p, max_tokens=4) for i, p in enumerate(prompts)))
+    finally:
+        worker.close()
+    assert sorted(c.index for c in done) == [0, 1, 2, 3]
+    assert all(c.finish_reason != "error" for c in done), [c.error for c in done]
+    assert worker.restarts == 0
+    print(f"4 prompts of {[c.prompt_tokens for c in done]} tokens in {time.monotonic() - started:.1f} s")

@@ -6,6 +6,7 @@ import contextlib
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from tokenmill.errors import ModelError
 
@@ -93,3 +94,37 @@ class ModelInfo:
     @property
     def n_ctx_train(self) -> int:
         return int(self.metadata.get(f"{self.architecture}.context_length", 0) or 0)
+
+
+def write_gguf_copy(source: Path, dest: Path, overrides: dict[str, Any], tensors: bool = True, reader=None) -> Path:
+    """Write `dest`, a copy of the GGUF `source` whose metadata keys in `overrides` hold new
+    values (each key keeps its type); every other key and, with `tensors`, the weights are
+    copied as they are. Without tensors the copy serves vocab-only loads (ModelInfo)."""
+    import gguf
+
+    reader = reader or gguf.GGUFReader(source)
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    writer = gguf.GGUFWriter(str(dest), arch=arch, endianess=reader.endianess)
+    try:
+        for field in reader.fields.values():
+            # The writer adds the architecture and the GGUF.* header fields itself.
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            if field.name == gguf.Keys.General.ALIGNMENT:
+                writer.add_custom_alignment(int(field.contents()))
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            value = overrides[field.name] if field.name in overrides else field.contents()
+            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+        for tensor in reader.tensors if tensors else ():
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                                   tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in reader.tensors if tensors else ():
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    finally:
+        writer.close()
+    return dest

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.gguf_info import write_gguf_copy
 from tokenmill.models.resolve import cache_root, model_sha256
 
 # Pre-tokenizer names GPT4All 2.8's llama.cpp does not know -> a name it treats identically.
@@ -51,37 +52,6 @@ def _read_pre_tokenizer(path: Path) -> str | None:
 
     field = gguf.GGUFReader(path).get_field(PRE_KEY)
     return None if field is None else str(field.contents())
-
-
-def _write_with_pre_tokenizer(source: Path, dest: Path, pre: str) -> None:
-    """Copy `source` to `dest` (a new file) with `tokenizer.ggml.pre` replaced by `pre`."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    writer = gguf.GGUFWriter(dest, arch=arch, endianess=reader.endianess)
-    try:
-        for field in reader.fields.values():
-            # The writer adds the architecture and the GGUF.* header fields itself.
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            if field.name == gguf.Keys.General.ALIGNMENT:
-                writer.add_custom_alignment(int(field.contents()))
-                continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            value = pre if field.name == PRE_KEY else field.contents()
-            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-        for tensor in reader.tensors:
-            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                                   tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor in reader.tensors:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    finally:
-        writer.close()
 
 
 def gpt4all_model_file(path: Path) -> Path:
@@ -105,7 +75,7 @@ def gpt4all_model_file(path: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
-        _write_with_pre_tokenizer(path, tmp, replacement)
+        write_gguf_copy(path, tmp, {PRE_KEY: replacement})
         os.replace(tmp, dest)
     except OSError as exc:
         raise ModelError(f"cannot write a GPT4All-compatible copy of {path} into {folder}: {exc}") from None

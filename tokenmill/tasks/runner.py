@@ -251,11 +251,13 @@ class Job:
         buffered: list[dict] = []
         bar = tqdm(total=self.table.rows, unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
+        def tick() -> None:  # after every model call: long texts take many before their row is done
+            bar.set_postfix_str(f"{stats.calls} calls, {stats.tokens / max(stats.wall_s, 1e-9):.0f} tok/s")
+
         def emit(result: dict) -> None:
             buffered.append(result)
             stats.add_result(result)
             bar.update(1)
-            bar.set_postfix_str(f"{stats.tokens / max(stats.wall_s, 1e-9):.0f} tok/s", refresh=False)
             if len(buffered) >= c.chunk_size:
                 writer.write(self._frame(buffered))
                 buffered.clear()
@@ -263,7 +265,7 @@ class Job:
                     on_chunk(stats)
 
         try:
-            self._generate(worker, ledger, cache, stats, emit)
+            self._generate(worker, ledger, cache, stats, emit, tick)
             if buffered:
                 writer.write(self._frame(buffered))
         except KeyboardInterrupt:
@@ -283,7 +285,7 @@ class Job:
             **self.prices.estimate(stats)))
 
     def _generate(self, worker: ModelWorker, ledger: Ledger, cache: ResultCache | None, stats: RunStats,
-                  emit: Callable[[dict], None]) -> None:
+                  emit: Callable[[dict], None], tick: Callable[[], None] = lambda: None) -> None:
         """Feed the worker the rows nobody has generated yet; reuse or fan out the rest."""
         window = max(64, 4 * (self.config.n_seq or DEFAULT_SLOTS))  # more than the backend's slots, see pool.py
         waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
@@ -332,6 +334,7 @@ class Job:
             for completion in worker.poll():
                 key, slot = calls.pop(completion.index)
                 stats.add_generation(completion)
+                tick()
                 plan = plans.get(key)
                 if plan is None:  # the row already ended (another of its calls failed)
                     continue
