@@ -27,12 +27,10 @@ On top of Jinja's sandbox:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import json
 import re
-import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -485,48 +483,3 @@ def render_safely(template: jinja2.Template, variables: Mapping[str, Any], name:
         raise TemplateError(f"template {name} failed to render: {type(exc).__name__}: {exc}") from None
     finally:
         _BUDGET.reset(token)
-
-
-# --- llama-cpp-python's own use of GGUF chat templates --------------------------------------------------
-
-
-class _UncompiledChatFormatter:
-    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads: keeps the
-    template as text and never compiles it."""
-
-    def __init__(self, template: str, eos_token: str = "", bos_token: str = "", *args: Any, **kwargs: Any):
-        self.template = template
-        self.eos_token = eos_token
-        self.bos_token = bos_token
-
-    def to_chat_handler(self) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise TemplateError("tokenmill renders chat templates itself (tokenmill.prompts.ChatTemplate); "
-                                "llama-cpp-python's create_chat_completion is not available")
-
-        return refuse
-
-
-_LOAD_LOCK = threading.RLock()  # re-entrant: a caller may already hold it around load_llama
-
-
-@contextlib.contextmanager
-def llama_cpp_without_chat_templates() -> Iterator[None]:
-    """Wrap `llama_cpp.Llama(...)` in this so llama-cpp-python does not compile the GGUF's chat
-    templates while loading.
-
-    `Llama.__init__` compiles every `tokenizer.chat_template*` of the file with its own
-    `Jinja2ChatFormatter`, whatever `chat_format` says, and Jinja folds constants while compiling:
-    a GGUF whose template holds `{{ 'x' * 10**12 }}` or `{{ 2 ** 10**10 }}` would exhaust memory or
-    CPU during the load, before tokenmill's sandbox ever sees the template. tokenmill renders chat
-    templates itself (ChatTemplate) and never calls create_chat_completion, so nothing is lost.
-    """
-    import llama_cpp.llama_chat_format as chat_format
-
-    with _LOAD_LOCK:
-        original = chat_format.Jinja2ChatFormatter
-        chat_format.Jinja2ChatFormatter = _UncompiledChatFormatter  # type: ignore[misc,assignment]
-        try:
-            yield
-        finally:
-            chat_format.Jinja2ChatFormatter = original  # type: ignore[misc]

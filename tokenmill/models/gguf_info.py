@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from tokenmill.errors import ModelError
+from tokenmill.errors import ModelError, TemplateError
 
 
 @contextlib.contextmanager
@@ -25,11 +26,52 @@ def quiet_stderr():
         os.close(devnull)
 
 
+class _UncompiledChatFormatter:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads: keeps the
+    template as text and never compiles it."""
+
+    def __init__(self, template: str, eos_token: str = "", bos_token: str = "", *args: Any, **kwargs: Any):
+        self.template = template
+        self.eos_token = eos_token
+        self.bos_token = bos_token
+
+    def to_chat_handler(self) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise TemplateError("tokenmill renders chat templates itself (tokenmill.prompts.ChatTemplate); "
+                                "llama-cpp-python's create_chat_completion is not available")
+
+        return refuse
+
+
+_LOAD_LOCK = threading.RLock()  # re-entrant: a caller may already hold it around load_llama
+
+
+@contextlib.contextmanager
+def llama_cpp_without_chat_templates() -> Iterator[None]:
+    """Wrap `llama_cpp.Llama(...)` in this so llama-cpp-python does not compile the GGUF's chat
+    templates while loading.
+
+    `Llama.__init__` compiles every `tokenizer.chat_template*` of the file with its own
+    `Jinja2ChatFormatter`, whatever `chat_format` says, and Jinja folds constants while compiling:
+    a GGUF whose template holds `{{ 'x' * 10**12 }}` or `{{ 2 ** 10**10 }}` would exhaust memory or
+    CPU during the load, before tokenmill's sandbox ever sees the template. tokenmill renders chat
+    templates itself (ChatTemplate) and never calls create_chat_completion, so nothing is lost.
+    """
+    import llama_cpp.llama_chat_format as chat_format
+
+    with _LOAD_LOCK:
+        original = chat_format.Jinja2ChatFormatter
+        chat_format.Jinja2ChatFormatter = _UncompiledChatFormatter  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            chat_format.Jinja2ChatFormatter = original  # type: ignore[misc]
+
+
 def load_llama(path: Path, **kwargs):
     """Load a `llama_cpp.Llama`, turning llama.cpp's load failures into a ModelError."""
     import llama_cpp
 
-    from tokenmill.sandbox import llama_cpp_without_chat_templates
 
     try:
         # llama-cpp-python would compile the GGUF's chat template outside our sandbox.
