@@ -8,6 +8,7 @@ fails alone with a clear error instead of killing the job.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 from collections import deque
@@ -54,7 +55,23 @@ def make_backend(settings: ModelSettings):
     raise ModelError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when its parent dies (even by SIGKILL), so a
+    killed run leaves no model worker behind using the CPU."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's normal exit still ends daemon workers
+        pass
+
+
+def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue, parent: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        return
     from llama_cpp import _logger
 
     _logger.set_verbose(False)  # llama.cpp's info logs would otherwise flood the user's terminal
@@ -130,7 +147,8 @@ class ModelWorker:
         """Start the process and wait until the model is loaded; returns the device description."""
         self._requests = self._ctx.Queue()
         self._results = self._ctx.Queue()
-        self._proc = self._ctx.Process(target=_worker_main, args=(self.settings, self._requests, self._results),
+        self._proc = self._ctx.Process(target=_worker_main,
+                                       args=(self.settings, self._requests, self._results, os.getpid()),
                                        daemon=True, name="tokenmill-worker")
         self._proc.start()
         deadline = time.monotonic() + self.load_timeout_s

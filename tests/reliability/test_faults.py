@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -151,6 +152,22 @@ def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, datase
     assert proc.returncode == 0, stderr
     _assert_complete(out, 24)
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
+
+
+def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(prefect_server, str(dataset), "--out", str(out), "--max-tokens", "400", "--no-cache", "--no-progress")
+    _wait_for(lambda: _worker_pid(proc.pid) is not None, proc)
+    worker = _worker_pid(proc.pid)
+    time.sleep(3)  # generating: its rows are admitted, so it reads no more requests
+    os.kill(proc.pid, signal.SIGKILL)  # only the run itself, as a timeout or the OOM killer would
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the model worker kept running after its run was killed"
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever else the run started
 
 
 def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, dataset, tmp_path):
