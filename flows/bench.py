@@ -63,6 +63,28 @@ def plain_loop(job: Job, max_tokens: int, grammar_schema: dict | None) -> tuple[
     return time.perf_counter() - started, prompt_tokens, completion_tokens
 
 
+def jump_forward_runs(job: Job, max_tokens: int) -> dict:
+    """The engine alone on the job's rows, jump-forward on then off: {on: (seconds, stats, completions)}."""
+    from dataclasses import replace
+
+    from tokenmill.models.base import GenerationRequest
+    from tokenmill.models.llama_batched import LlamaBatchedBackend
+
+    prompts = [job.render(row) for chunk in job.table.chunks(64) for row in chunk.iter_rows(named=True)]
+    runs = {}
+    for jump in (True, False):
+        requests = [GenerationRequest(index=i, prompt=p, max_tokens=max_tokens, temperature=0.0, seed=job.config.seed,
+                                      stop=list(job.task.stop), grammar=job.task.grammar) for i, p in enumerate(prompts)]
+        backend = LlamaBatchedBackend(replace(job.settings(), jump_forward=jump))
+        try:
+            started = time.perf_counter()
+            done = {c.index: c for c in backend.generate(requests)}
+            runs[jump] = (time.perf_counter() - started, dict(backend.stats), done)
+        finally:
+            backend.close()
+    return runs
+
+
 def engine_rates(job: Job) -> dict:
     from tokenmill.models.llama_batched import LlamaBatchedBackend
 
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         run_flow(args.kind, JobConfig(**{**config.__dict__, "out": str(folder / "warmup"), "limit": 1}))
         flow_s, result = run_flow(args.kind, config)
         results = pl.read_parquet(folder / "out" / "results.parquet")
+        jump = jump_forward_runs(job, max_tokens) if job.task.grammar else None
 
     evaluated = int(results["prompt_tokens"].sum() - results["cached_tokens"].sum())
     completion = int(results["completion_tokens"].sum())
@@ -123,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{completion} completion; {int((results['status'] == 'ok').sum())}/{results.height} ok)")
     print(f"  engine ceiling estimate:     {ceiling_s:7.1f} s")
     print(f"  speed-up over the plain loop: {plain_s / flow_s:.2f}x   flow / ceiling: {flow_s / ceiling_s:.2f}x")
+    if jump:
+        (on_s, on, on_rows), (off_s, off, off_rows) = jump[True], jump[False]
+        same = sum(c.text == off_rows[i].text for i, c in on_rows.items())
+        completion = sum(c.completion_tokens for c in on_rows.values())
+        print(f"  engine alone, jump-forward on: {on_s:7.1f} s  off: {off_s:7.1f} s   "
+              f"jump-forward speed-up: {off_s / on_s:.2f}")
+        print(f"    on: {on['forced_tokens']} of {completion} completion tokens forced, "
+              f"{on['generate_calls']} generation decode calls (off: {off['generate_calls']}), "
+              f"{on['jump_forward_s']:.2f} s finding forced text; decode {on['decode_s']:.1f} s (off: "
+              f"{off['decode_s']:.1f} s); {same}/{len(on_rows)} outputs identical on vs off")
     return 0
 
 

@@ -258,3 +258,66 @@ def test_measure_rates_reports_positive_rates(model_path):
     finally:
         engine.close()
     assert rates["prefill_tok_s"] > 0 and rates["decode_tok_s"] > 0 and rates["n_seq"] == 4
+
+
+@pytest.fixture(scope="session")
+def restaurant_rows(tmp_path_factory):
+    """Eight E2E descriptions rendered as tokenmill renders extract prompts, with the restaurants schema."""
+    from tokenmill.tasks.extract import prepare_extract
+    from tokenmill.tasks.runner import JobConfig
+
+    csv = DATASETS / "e2e" / "dev.csv"
+    if not csv.is_file():
+        pytest.skip(f"E2E dataset not found at {csv}")
+    schema = Path(__file__).resolve().parents[1] / "jobs" / "restaurants.yaml"
+    job = prepare_extract(JobConfig(input=str(csv), column="ref", schema=str(schema), limit=8), create_out=False)
+    prompts = [job.render(row) for chunk in job.table.chunks(8) for row in chunk.iter_rows(named=True)]
+    return job.task.grammar, job.task.parse, prompts
+
+
+def test_jump_forward_appends_forced_tokens_and_saves_decode_steps(model_path, restaurant_rows, tokenizer):
+    grammar, validate, prompts = restaurant_rows
+    requests = [greedy(i, p, grammar=grammar, max_tokens=160) for i, p in enumerate(prompts)]
+    results = {}
+    for jump in (True, False):
+        engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=4, n_ctx=5 * 1024, jump_forward=jump))
+        try:
+            results[jump] = ({c.index: c for c in engine.generate(requests)}, dict(engine.stats))
+        finally:
+            engine.close()
+    (on, on_stats), (off, off_stats) = results[True], results[False]
+    for got in (on, off):
+        assert sorted(got) == list(range(len(prompts)))
+        for c in got.values():
+            assert c.finish_reason == "stop", (c.index, c.finish_reason, c.text)
+            validate(c.text)  # parses as JSON and matches the schema, else raises
+    completion = sum(c.completion_tokens for c in on.values())
+    assert on_stats["forced_tokens"] > 0 and off_stats["forced_tokens"] == 0
+    assert on_stats["generate_calls"] < off_stats["generate_calls"]
+    # rows end on EOG, so every completion token, forced or sampled, was decoded once
+    assert on_stats["generated_tokens"] == completion
+    assert off_stats["generated_tokens"] == sum(c.completion_tokens for c in off.values())
+    same = sum(on[i].text == off[i].text for i in on)
+    print(f"jump-forward: {on_stats['forced_tokens']}/{completion} completion tokens forced, "
+          f"{on_stats['generate_calls']} vs {off_stats['generate_calls']} generation decode calls, "
+          f"{on_stats['jump_forward_s'] * 1000:.0f} ms finding forced text; {same}/{len(on)} rows identical on vs off")
+    for i in on:
+        if on[i].text != off[i].text:
+            print(f"row {i} on:  {on[i].text}\n      off: {off[i].text}")
+
+
+def test_forced_tokens_honour_max_tokens_and_stop_strings(model_path, restaurant_rows):
+    grammar, _validate, prompts = restaurant_rows
+    requests = [greedy(i, prompts[0], grammar=grammar, max_tokens=i) for i in range(1, 8)]
+    requests.append(greedy(8, prompts[0], grammar=grammar, max_tokens=64, stop=["Type"]))
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=8, n_ctx=9 * 1024))
+    try:
+        got = {c.index: c for c in engine.generate(requests)}
+        stats = dict(engine.stats)
+    finally:
+        engine.close()
+    assert stats["forced_tokens"] > 0
+    for i in range(1, 8):
+        assert got[i].finish_reason == "length" and got[i].completion_tokens == i, (i, got[i])
+        assert got[7].text.startswith(got[i].text)
+    assert got[8].finish_reason == "stop" and got[8].text.endswith('"eat'), got[8].text

@@ -60,6 +60,7 @@ class ModelSettings:
     split_mode: str = "layer"  # none | layer | row
     tensor_split: list[float] | None = None
     backend: str = "llama"  # llama (continuous batching) | llama-simple | gpt4all
+    jump_forward: bool = True  # llama: append tokens a row's grammar forces without sampling them
 
 
 class Backend(Protocol):

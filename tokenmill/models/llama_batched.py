@@ -7,6 +7,11 @@ How a run works:
 - Each step decodes the next token of every generating row, prefix tokens and prompt
   chunks of rows being admitted, up to n_batch tokens (see `_Run.plan_step`).
 - Requests are pulled only when a slot is free; a row waits until its KV cells fit.
+- Jump-forward (`ModelSettings.jump_forward`, see jump_forward.py): after a grammar row
+  samples a token, the tokens its grammar forces next are appended unsampled and decoded
+  with it in the row's next generation call. Isolated mode: llama.cpp cuts that call into
+  equal parts per sequence, so every row's first token lands in the first part as before
+  (rows without grammar keep their exact text) and forced tails go in later parts.
 
 KV layouts (`kv_unified`); isolated is the default because it is exact and faster:
 - isolated (not unified): llama.cpp gives each sequence its own stream of n_ctx/(S+1)
@@ -23,19 +28,20 @@ KV layouts (`kv_unified`); isolated is the default because it is exact and faste
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import llama_cpp
 
 from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.jump_forward import MAX_FORCED, JumpForward
+from tokenmill.models.llama_load import create_context, gpu_layers, load_model
+from tokenmill.models.llama_rates import measure
 from tokenmill.models.llama_sampling import (
-    LogCapture,
+    GRAMMAR_INDEX,
     RowError,
     RowText,
     build_sampler,
@@ -46,11 +52,8 @@ from tokenmill.models.llama_sampling import (
 
 PREFIX_SEQ = 0
 MIN_SHARED = 8  # a shorter common prefix is not worth trimming the cached one for
-MAX_SLOTS = 16
 IDLE_WAIT_S = 0.005
 DEFAULT_KV_UNIFIED = False
-_SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
-                "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
 
 
 @dataclass(eq=False)
@@ -66,6 +69,8 @@ class _Row:
     n_past: int = 0  # this row's positions now in the KV cache
     started: bool = False  # prefix copied, own tokens being decoded
     next_token: int = -1  # sampled, decoded in the next step; -1 while prompting
+    forced: list[int] = field(default_factory=list)  # jump-forward tokens decoded after next_token
+    grammar: object = None  # the chain's grammar sampler when jump-forward applies to this row
     t_admit: float = 0.0
     t_prompt_end: float = 0.0
 
@@ -87,7 +92,9 @@ class LlamaBatchedBackend:
     n_ctx/(n_seq+1) tokens, as llama.cpp's server splits -c across its slots.
     Attributes: `n_ctx` (all cells), `row_ctx` (most tokens one row may use), `n_seq`
     (slots), `n_batch`, `n_threads`, `n_gpu_layers`, `kv_unified`, and `stats` (cumulative
-    llama_decode calls and seconds, prompt and generated tokens decoded).
+    llama_decode calls and seconds, prompt and generated tokens decoded, generate_calls:
+    calls holding generated tokens, forced_tokens: completion tokens jump-forward appended,
+    jump_forward_s: time spent finding them).
     """
 
     polls_input = True  # generate() accepts None from its request iterable: "nothing now"
@@ -99,66 +106,27 @@ class LlamaBatchedBackend:
         self._model = self._ctx = self._batch = None
         self._busy = False
         self.n_threads = settings.n_threads or os.cpu_count() or 1
-        offload = llama_cpp.llama_supports_gpu_offload()
-        layers = settings.n_gpu_layers
-        self.n_gpu_layers = 0 if not offload else (0x7FFFFFFF if layers == -1 else max(layers, 0))
-        self._load_model(Path(settings.model_path))
+        self.n_gpu_layers = gpu_layers(settings)
+        self._model, self._tensor_split = load_model(settings, self.n_gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._create_context()
+        try:
+            self._ctx, self.n_batch, self.n_seq = create_context(
+                settings, self._model, self.kv_unified, self.n_gpu_layers, self.n_threads)
+        except ModelError:
+            self.close()
+            raise
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)  # llama.cpp pads to multiples of 256
+        self.row_ctx = self.n_ctx if self.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._prefix: list[int] = []  # tokens sequence 0 should hold
         self._prefix_done = 0  # how many of them it holds now
         self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "prompt_s": 0.0, "generate_s": 0.0}
+                      "prompt_s": 0.0, "generate_s": 0.0, "generate_calls": 0, "forced_tokens": 0,
+                      "jump_forward_s": 0.0}
+        self.jump = JumpForward(self._vocab, self.stats) if settings.jump_forward else None
+        self.max_forced = min(MAX_FORCED, self.n_batch // self.n_seq - 1)
         self.last_decode_s = 0.0
-
-    def _load_model(self, path: Path) -> None:
-        if not path.is_file():
-            raise ModelError(f"model file not found: {path}")
-        with path.open("rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ModelError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
-        llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = self.n_gpu_layers
-        params.split_mode = _SPLIT_MODES.get(self.settings.split_mode, llama_cpp.LLAMA_SPLIT_MODE_LAYER)
-        params.main_gpu = self.settings.main_gpu
-        if self.settings.tensor_split:
-            split = list(self.settings.tensor_split)[: llama_cpp.LLAMA_MAX_DEVICES]
-            self._tensor_split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*split)
-            params.tensor_split = self._tensor_split  # kept on self: C keeps the pointer
-        with LogCapture() as log:
-            self._model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
-        if not self._model:
-            raise ModelError(f"cannot load model {path}: {log.reason('unreadable or unsupported GGUF file')}")
-
-    def _create_context(self) -> None:
-        s = self.settings
-        n_ctx = s.n_ctx or llama_cpp.llama_model_n_ctx_train(self._model)
-        self.n_batch = max(8, min(s.n_batch, n_ctx))
-        # Unified: slots cost no cells, the cell budget limits concurrency. Isolated: each
-        # slot gets n_ctx/(S+1) cells, so keep them at least 512 by default.
-        per_slot = 128 if self.kv_unified else 512
-        slots = s.n_seq or min(MAX_SLOTS, max(1, n_ctx // per_slot - (0 if self.kv_unified else 1)))
-        self.n_seq = max(1, min(slots, llama_cpp.llama_max_parallel_sequences() - 1, self.n_batch // 2))
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = self.n_batch
-        params.n_seq_max = self.n_seq + 1  # + the prefix sequence
-        params.kv_unified = self.kv_unified
-        params.n_threads = params.n_threads_batch = self.n_threads
-        # On CPU no flash attention, like Llama()'s default, so results match create_completion.
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if self.n_gpu_layers
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        with LogCapture() as log:
-            self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            self.close()
-            raise ModelError(f"cannot create a context for {s.model_path}: "
-                             f"{log.reason('llama_init_from_model failed')}")
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)  # llama.cpp pads to multiples of 256
-        self.row_ctx = self.n_ctx if self.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
 
     def device(self) -> str:
         if self.n_gpu_layers:
@@ -201,19 +169,12 @@ class LlamaBatchedBackend:
             self._busy = False
 
     def measure_rates(self, prompt_tokens: int = 256, steps: int = 16) -> dict:
-        """Measured prefill tokens/s (one prompt) and batched decode tokens/s (n_seq rows).
-
-        Decode steps include greedy sampling and attend to a `prompt_tokens` context, like
-        rows do (in a unified cache the rows share that prompt's cells, so real rows,
-        each with its own cells, decode slower than this). Returns prefill_tok_s,
-        decode_tok_s, n_seq, prompt_tokens. Ceiling estimate for a run:
-        uncached prompt tokens / prefill_tok_s + completion tokens / decode_tok_s.
-        """
+        """Measured prefill tokens/s (one prompt) and batched decode tokens/s (n_seq rows): see llama_rates."""
         if self._busy:
             raise RuntimeError("measure_rates cannot run while generate is running")
-        return _measure(self, prompt_tokens, steps)
+        return measure(self, prompt_tokens, steps)
 
-    # -- used by _Run and _measure --
+    # -- used by _Run and llama_rates.measure --
 
     def _decode(self, n_tokens: int) -> int:
         self._batch.n_tokens = n_tokens
@@ -310,7 +271,8 @@ class _Run:
             self.out.append(Completion(req.index, None, "error", error=str(err), prompt_tokens=len(tokens)))
             return None
         text = RowText(stop=[s.encode("utf-8") for s in req.stop if s], bos=llama_cpp.llama_vocab_bos(e._vocab))
-        return _Row(req=req, tokens=tokens, sampler=sampler, text=text, t_pulled=t)
+        grammar = llama_cpp.llama_sampler_chain_get(sampler, GRAMMAR_INDEX) if req.grammar and e.jump else None
+        return _Row(req=req, tokens=tokens, sampler=sampler, text=text, t_pulled=t, grammar=grammar)
 
     def choose_plan(self, row: _Row) -> tuple[str, int] | None:
         """How the row will use the prefix sequence, or None while its cells do not fit."""
@@ -389,8 +351,8 @@ class _Run:
         takes another kernel path and rounds differently from the reference.
         """
         e = self.e
-        gen = [(r, 1) for r in self.rows if r.next_token >= 0]
-        room = e.n_batch - len(gen)
+        gen = [(r, 1 + len(r.forced)) for r in self.rows if r.next_token >= 0]
+        room = e.n_batch - sum(k for _r, k in gen)
         work = []
         k = _chunk(len(e._prefix) - e._prefix_done, room)
         if k:
@@ -415,9 +377,10 @@ class _Run:
                     pos = e._prefix_done + j
                     e._put(n + j, e._prefix[pos], pos, PREFIX_SEQ, False)
                 plan.append((None, -1, k))
-            elif row.next_token >= 0:
-                e._put(n, row.next_token, row.n_past, row.slot, True)
-                plan.append((row, n, 1))
+            elif row.next_token >= 0:  # the sampled token, then any forced ones
+                for j, token in enumerate([row.next_token, *row.forced]):
+                    e._put(n + j, token, row.n_past + j, row.slot, j == k - 1)
+                plan.append((row, n + k - 1, k))
             else:
                 last = row.n_past + k == len(row.tokens)  # logits only for the prompt's last token
                 for j in range(k):
@@ -431,7 +394,8 @@ class _Run:
             e.on_step()  # the worker's heartbeat: long prompts are work, not a hang
         if ret != 0:
             return self.on_decode_failure(ret, plan)
-        n_gen = sum(1 for r, _k in call if r is not None and r.next_token >= 0)
+        n_gen = sum(k for r, k in call if r is not None and r.next_token >= 0)
+        e.stats["generate_calls"] += n_gen > 0
         e.stats["prompt_tokens"] += n - n_gen
         e.stats["generated_tokens"] += n_gen
         # per-phase time: a mixed call (unified mode) is shared out by its tokens
@@ -450,19 +414,34 @@ class _Run:
                 continue  # a prompt chunk with more to come
             if row.next_token < 0:
                 row.t_prompt_end = now
+            row.forced = []
             token = llama_cpp.llama_sampler_sample(row.sampler, e._ctx, idx)  # this also accepts it
             self.consume(row, token)
 
     def consume(self, row: _Row, token: int) -> None:
-        vocab = self.e._vocab
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            self.finish(row, "stop")  # the EOG token is not counted, as in create_completion
-        elif row.text.add(token, token_piece(vocab, token)):
+        e = self.e
+        if llama_cpp.llama_vocab_is_eog(e._vocab, token):
+            return self.finish(row, "stop")  # the EOG token is not counted, as in create_completion
+        if self.append(row, token):
+            return
+        if row.grammar is not None:  # jump-forward: tokens the grammar forces next, unsampled
+            row.forced = e.jump.forced_tokens(row.grammar, min(e.max_forced, row.req.max_tokens - len(row.text.tokens)))
+            for tok in row.forced:
+                llama_cpp.llama_sampler_accept(row.sampler, tok)  # once: nothing sampled it
+                e.stats["forced_tokens"] += 1
+                if self.append(row, tok):
+                    return
+        row.next_token = token
+
+    def append(self, row: _Row, token: int) -> bool:
+        """Add a generated token to the row's text; True when that finished the row."""
+        if row.text.add(token, token_piece(self.e._vocab, token)):
             self.finish(row, "stop")
         elif len(row.text.tokens) >= row.req.max_tokens:
             self.finish(row, "length")
         else:
-            row.next_token = token
+            return False
+        return True
 
     def finish(self, row: _Row, reason: str, error: str | None = None) -> None:
         now = time.perf_counter()
@@ -530,48 +509,3 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _measure(e: LlamaBatchedBackend, prompt_tokens: int, steps: int) -> dict:
-    """Time one prompt's prefill, then `steps` decode steps of n_seq rows that share it."""
-    # unified: the prompt's cells are shared by all rows; isolated: each stream holds a copy
-    room = e.n_ctx - len(e._prefix) - e.n_seq * steps if e.kv_unified else e.row_ctx - steps
-    n_prompt = min(prompt_tokens, room)
-    if n_prompt < 16:
-        raise RuntimeError(f"the context ({e.n_ctx}) is too small to measure rates")
-    filler = tokenize_prompt(e._vocab, "The quick brown fox jumps over the lazy dog. " * 32)
-    tokens = (filler * (n_prompt // len(filler) + 1))[:n_prompt]
-    greedy = llama_cpp.llama_sampler_init_greedy()
-    try:
-        e._put(0, tokens[0], 0, 1, True)  # warm-up: the first decode pays one-time setup
-        _decode_or_raise(e, 1)
-        llama_cpp.llama_memory_seq_rm(e._mem, 1, -1, -1)
-        t0 = time.perf_counter()
-        for start in range(0, n_prompt, e.n_batch):
-            chunk = tokens[start : start + e.n_batch]
-            for j, tok in enumerate(chunk):
-                e._put(j, tok, start + j, 1, start + j == n_prompt - 1)
-            _decode_or_raise(e, len(chunk))
-        prefill_s = time.perf_counter() - t0
-        nexts = [llama_cpp.llama_sampler_sample(greedy, e._ctx, len(chunk) - 1)] * e.n_seq
-        for seq in range(2, e.n_seq + 1):
-            e._copy_prefix(1, seq, n_prompt)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            for i in range(e.n_seq):
-                e._put(i, nexts[i], n_prompt + step, i + 1, True)
-            _decode_or_raise(e, e.n_seq)
-            nexts = [llama_cpp.llama_sampler_sample(greedy, e._ctx, i) for i in range(e.n_seq)]
-        decode_s = time.perf_counter() - t0
-    finally:
-        llama_cpp.llama_sampler_free(greedy)
-        for seq in range(1, e.n_seq + 1):
-            llama_cpp.llama_memory_seq_rm(e._mem, seq, -1, -1)
-    return {"prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": e.n_seq * steps / decode_s,
-            "n_seq": e.n_seq, "prompt_tokens": n_prompt}
-
-
-def _decode_or_raise(e: LlamaBatchedBackend, n_tokens: int) -> None:
-    ret = e._decode(n_tokens)
-    if ret != 0:
-        raise RuntimeError(f"llama_decode failed (returned {ret}) while measuring rates")

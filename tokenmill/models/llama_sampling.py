@@ -17,6 +17,7 @@ from tokenmill.models.base import GenerationRequest
 
 # create_completion's Llama keeps the last 64 tokens for its repeat penalty.
 PENALTY_LAST_N = 64
+GRAMMAR_INDEX = 1  # build_sampler's chain: penalties, grammar, ...
 
 
 class RowError(Exception):
@@ -26,7 +27,7 @@ class RowError(Exception):
 def tokenize_prompt(vocab, prompt: str) -> list[int]:
     """Tokens as create_completion builds them: [BOS if the vocab asks] + text (+ EOS/SEP if asked)."""
     text = prompt.encode("utf-8")
-    tokens = _tokenize(vocab, text) if text else []
+    tokens = tokenize_text(vocab, text) if text else []
     bos = llama_cpp.llama_vocab_bos(vocab)  # create_completion's CLS is an alias of BOS
     sep = llama_cpp.llama_vocab_sep(vocab)
     head = [bos] if llama_cpp.llama_vocab_get_add_bos(vocab) and bos != -1 else []
@@ -36,14 +37,15 @@ def tokenize_prompt(vocab, prompt: str) -> list[int]:
     return head + tokens + tail
 
 
-def _tokenize(vocab, text: bytes) -> list[int]:
+def tokenize_text(vocab, text: bytes, special: bool = True) -> list[int]:
+    """Tokens of `text` alone (no BOS/EOS); `special`: parse `<|im_start|>` and the like."""
     size = len(text) + 16  # a token covers at least one byte
     buf = (llama_cpp.llama_token * size)()
-    n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, True)
+    n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, special)
     if n < 0:  # buffer too small: llama.cpp says how many tokens it needs
         size = -n
         buf = (llama_cpp.llama_token * size)()
-        n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, True)
+        n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, size, False, special)
         if n < 0:
             raise RowError(f"could not tokenize the prompt (llama_tokenize returned {n})")
     return list(buf[:n])
@@ -63,8 +65,10 @@ def build_sampler(vocab, req: GenerationRequest):
     """A llama_sampler chain for one row, in create_completion's order; the caller frees it.
 
     Raises RowError when llama.cpp cannot parse the grammar (init_grammar returns NULL).
-    The chain is only ever used through llama_sampler_sample, which accepts the token
-    itself: a second llama_sampler_accept would advance the grammar twice and abort.
+    llama_sampler_sample accepts the token it samples: a second llama_sampler_accept of it
+    would advance the grammar twice and abort. Only jump-forward's forced tokens, which
+    nothing sampled, are fed in with llama_sampler_accept, once each. The grammar sampler,
+    when there is one, is the chain's part GRAMMAR_INDEX.
     """
     parts = [
         llama_cpp.llama_sampler_init_penalties(

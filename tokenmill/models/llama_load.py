@@ -1,0 +1,74 @@
+"""Loading a GGUF model and creating the batched engine's context, through the low-level bindings."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llama_cpp
+
+from tokenmill.errors import ModelError
+from tokenmill.models.base import ModelSettings
+from tokenmill.models.llama_sampling import LogCapture
+
+MAX_SLOTS = 16
+_SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+                "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+
+
+def gpu_layers(settings: ModelSettings) -> int:
+    """Layers to offload: 0 when the build cannot offload; -1 in the settings means all."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+    return 0x7FFFFFFF if settings.n_gpu_layers == -1 else max(settings.n_gpu_layers, 0)
+
+
+def load_model(settings: ModelSettings, n_gpu_layers: int):
+    """(model, keep-alive): the second must live as long as the model (C keeps its pointer)."""
+    path = Path(settings.model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.split_mode = _SPLIT_MODES.get(settings.split_mode, llama_cpp.LLAMA_SPLIT_MODE_LAYER)
+    params.main_gpu = settings.main_gpu
+    keep = None
+    if settings.tensor_split:
+        split = list(settings.tensor_split)[: llama_cpp.LLAMA_MAX_DEVICES]
+        keep = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*split)
+        params.tensor_split = keep
+    with LogCapture() as log:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+    if not model:
+        raise ModelError(f"cannot load model {path}: {log.reason('unreadable or unsupported GGUF file')}")
+    return model, keep
+
+
+def create_context(settings: ModelSettings, model, kv_unified: bool, n_gpu_layers: int, n_threads: int):
+    """(context, n_batch, n_seq); raises ModelError when llama.cpp cannot create it."""
+    s = settings
+    n_ctx = s.n_ctx or llama_cpp.llama_model_n_ctx_train(model)
+    n_batch = max(8, min(s.n_batch, n_ctx))
+    # Unified: slots cost no cells, the cell budget limits concurrency. Isolated: each
+    # slot gets n_ctx/(S+1) cells, so keep them at least 512 by default.
+    per_slot = 128 if kv_unified else 512
+    slots = s.n_seq or min(MAX_SLOTS, max(1, n_ctx // per_slot - (0 if kv_unified else 1)))
+    n_seq = max(1, min(slots, llama_cpp.llama_max_parallel_sequences() - 1, n_batch // 2))
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq + 1  # + the prefix sequence
+    params.kv_unified = kv_unified
+    params.n_threads = params.n_threads_batch = n_threads
+    # On CPU no flash attention, like Llama()'s default, so results match create_completion.
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if n_gpu_layers
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    with LogCapture() as log:
+        ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise ModelError(f"cannot create a context for {s.model_path}: {log.reason('llama_init_from_model failed')}")
+    return ctx, n_batch, n_seq
