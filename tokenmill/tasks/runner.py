@@ -373,13 +373,16 @@ class Job:
         text = row.get(column)
         if text is None or (isinstance(text, str) and not text.strip()):
             raise DoesNotFit(f"column {column!r} is empty in this row")
-        parts_allowed = c.max_chunks if self.reduce_template is not None else 1
+        splitting = self.reduce_template is not None
+        hint = " (or let it be cut into parts: --split-long)" if self.task.splits and not splitting else ""
+        parts_allowed = c.max_chunks if splitting else 1
         if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
-            raise DoesNotFit(f"column {column!r} holds {len(str(text)):,} characters, far more than "
-                             f"{parts_allowed} part(s) of the {c.n_ctx} tokens of --n-ctx can hold; raise --n-ctx "
+            raise DoesNotFit(f"column {column!r} holds {len(str(text)):,} characters, far more tokens than "
+                             f"{'--max-chunks ' + str(c.max_chunks) + ' parts of ' if splitting else ''}--n-ctx "
+                             f"{c.n_ctx} can hold; raise --n-ctx{' or --max-chunks' if splitting else ''}{hint}, "
                              "or split the text into several rows")
         limit = c.n_ctx - c.max_tokens
-        if self.reduce_template is not None:  # judge a huge text before rendering all of it
+        if splitting:  # judge a huge text before rendering all of it
             refuse_oversized(str(text), self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
         prompt = self.render(row)
         count = self.model_info.count_tokens
@@ -389,8 +392,7 @@ class Job:
                 return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
                                    attempts=c.max_retries + 1)
             return key, SingleCall(prompt, self.task.grammar if self.use_grammar else None)
-        if self.reduce_template is None:
-            hint = " (or let it be cut into parts: --split-long)" if self.task.splits else ""
+        if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
         parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
