@@ -18,24 +18,28 @@ from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
 BACKENDS = ("llama", "llama-simple", "gpt4all")
-# Backends that give the same text for the same request (tests/test_batched_engine.py checks
-# it), so they share row keys and cached results; another runtime's rows get keys of their own.
-SAME_TEXT_BACKENDS = ("llama", "llama-simple")
 
-# What each backend can do beyond plain generation. Without grammar support a request's
-# `grammar` is ignored by the backend; the caller validates the output instead.
-CAPABILITIES: dict[str, dict[str, bool]] = {
-    "llama": {"grammar": True},
-    "llama-simple": {"grammar": True},
-    "gpt4all": {"grammar": False},
+# What sets the backends apart. `grammar`: whether a request's grammar constrains generation
+# (without it the backend ignores the grammar and the caller validates the output instead).
+# `runtime`: backends of one runtime give the same text for the same request
+# (tests/test_batched_engine.py checks llama against llama-simple), so they share row keys.
+CAPABILITIES: dict[str, dict] = {
+    "llama": {"grammar": True, "runtime": "llama-cpp-python"},
+    "llama-simple": {"grammar": True, "runtime": "llama-cpp-python"},
+    "gpt4all": {"grammar": False, "runtime": "gpt4all"},
 }
+DEFAULT_RUNTIME = "llama-cpp-python"
+
+
+def capability(backend: str, name: str):
+    if backend not in CAPABILITIES:
+        raise ModelError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return CAPABILITIES[backend][name]
 
 
 def supports_grammar(backend: str) -> bool:
     """Whether `backend` constrains generation with a request's GBNF grammar."""
-    if backend not in CAPABILITIES:
-        raise ModelError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    return CAPABILITIES[backend]["grammar"]
+    return capability(backend, "grammar")
 
 
 def make_backend(settings: ModelSettings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -13,17 +14,20 @@ from tokenmill.errors import ModelError, TemplateError
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-    """Silence llama.cpp's C-level logging while loading (it writes straight to fd 2)."""
+def captured_stderr():
+    """Keep what C code writes straight to fd 2 (llama.cpp's and GPT4All's load logs) off the
+    terminal; the yielded list holds that text once the block ends."""
+    captured: list[str] = []
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", errors="replace"))
 
 
 class _UncompiledChatFormatter:
@@ -75,7 +79,7 @@ def load_llama(path: Path, **kwargs):
 
     try:
         # llama-cpp-python would compile the GGUF's chat template outside our sandbox.
-        with quiet_stderr(), llama_cpp_without_chat_templates():
+        with captured_stderr(), llama_cpp_without_chat_templates():
             return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelError(

@@ -23,16 +23,14 @@ when a row outgrows it, so rows that cannot fit are refused before generation.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
-from tokenmill.models.gguf_info import write_gguf_copy
+from tokenmill.models.gguf_info import captured_stderr, write_gguf_copy
 from tokenmill.models.resolve import cache_root, model_sha256
 
 # Pre-tokenizer names GPT4All 2.8's llama.cpp does not know -> a name it treats identically.
@@ -91,28 +89,12 @@ def _gpu_device(n_gpu_layers: int) -> str | None:
     from gpt4all import GPT4All
 
     try:
-        with _captured_stderr():  # it prints every GPU runtime it fails to find
+        with captured_stderr():  # it prints every GPU runtime it fails to find
             gpus = GPT4All.list_gpus()
     except Exception:  # "Unable to retrieve available GPU devices": none
         return None
     cuda = [g for g in gpus if g.startswith("cuda:")]
     return (cuda or gpus or [None])[0]
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """Collect what the C++ runtime writes to fd 2 (GPT4All reports load failures only there)."""
-    captured: list[str] = []
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", errors="replace"))
 
 
 def _load_errors(log: str) -> str:
@@ -140,7 +122,7 @@ class Gpt4AllBackend:
         log: list[str] = []
         try:
             # GPT4All probes its CUDA builds and prints every miss; keep that off the user's terminal.
-            with _captured_stderr() as log:
+            with captured_stderr() as log:
                 self.gpt = GPT4All(self.model_file.name, model_path=self.model_file.parent, allow_download=False,
                                    n_threads=self.n_threads, device=gpu or "cpu", n_ctx=settings.n_ctx, ngl=ngl,
                                    verbose=False)

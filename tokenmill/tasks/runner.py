@@ -24,10 +24,10 @@ from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, defa
 from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import SAME_TEXT_BACKENDS, ModelWorker, supports_grammar
+from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, supports_grammar
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
-from tokenmill.tasks.longdoc import DoesNotFit, part_prompts, refuse_oversized
+from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
 from tokenmill.tasks.plans import Call, MapReduce, Repair, SingleCall
 from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
 from tokenmill.usage import Prices, RunStats
@@ -170,8 +170,8 @@ class Job:
         }
         if self.repair_template is not None:
             self.params["repair"] = [config.max_retries, self.repair_template.source]
-        if config.backend not in SAME_TEXT_BACKENDS:  # another runtime gives other text (tests/test_gpt4all_backend.py)
-            self.params["runtime"] = config.backend
+        if (runtime := capability(config.backend, "runtime")) != DEFAULT_RUNTIME:  # other text: own keys
+            self.params["runtime"] = runtime
         # a long text's parts depend on the context size; its result on the combining template
         self.split_params = {"split_n_ctx": config.n_ctx,
                              "reduce": self.reduce_template.source if self.reduce_template else None}
@@ -382,7 +382,7 @@ class Job:
                              f"{c.n_ctx} can hold; raise --n-ctx{' or --max-chunks' if splitting else ''}{hint}, "
                              "or split the text into several rows")
         limit = c.n_ctx - c.max_tokens
-        if splitting:  # judge a huge text before rendering all of it
+        if splitting and len(str(text)) > SAMPLE_CHARS:  # judge a huge text before rendering all of it
             refuse_oversized(str(text), self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
         prompt = self.render(row)
         count = self.model_info.count_tokens
