@@ -54,6 +54,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="rows decoded together in one batch (default 0: 8); each gets its own --n-ctx of KV cache")
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for llama.cpp (default 0: the cores not already busy, judged from the load "
+                        "average at start; llama.cpp slows down badly when its threads compete for cores)")
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
                    help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
                         "llama-simple: one row at a time; gpt4all: one row at a time through GPT4All's "
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
     return JobConfig(
         input=args.input, column=args.column, id_column=args.id_column, model=args.model, out=args.out,
         prompt=args.prompt, prompt_family=args.prompt_family, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers,
+        limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
         backend=args.backend, chunk_size=args.chunk_size, strip=args.strip, retry_errors=args.retry_errors,
         cache=not args.no_cache, cache_dir=args.cache, price_input_per_mtok=args.price_input,
         price_output_per_mtok=args.price_output, hang_timeout_s=args.worker_timeout, **extra,
@@ -103,8 +106,6 @@ def run_cli(prog: str, main: Callable[[argparse.Namespace], int], parser: argpar
             argv: list[str] | None = None) -> int:
     """Parse, run, and turn tokenmill errors into one line on stderr with the right exit status."""
     args = parser.parse_args(argv)
-    if not getattr(args, "verbose", True):
-        quiet_prefect_console()
     try:
         return main(args)
     except TokenmillError as exc:

@@ -1,41 +1,74 @@
-"""The Prefect side every row job shares: prepare, generate with progress, publish the run table."""
+"""The Prefect side every row job shares: prepare, generate with progress, publish the run table.
+
+Start-up order (`cli_main`), so a command pays for Prefect only when it has work, and the
+model loads while Prefect's server starts:
+1. the job is prepared without Prefect: input, options, model file, templates and the first
+   row are checked, so a command that cannot run is refused in about a second;
+2. a rerun with nothing left to generate finishes right there (no model, no Prefect);
+3. otherwise the model worker starts loading in its own process, Prefect's temporary server
+   starts in a thread (unless `PREFECT_API_URL` names a server), and the flow runs with the
+   prepared job and the worker once the server answers.
+Prefect is imported only in step 3: the flows' modules build their Prefect flow objects on
+first use (`lazy_flow`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
 import sys
-from typing import Callable
+import threading
+from typing import Any, Callable
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
-
-from flows._cli import EXIT_OK, EXIT_ROW_ERRORS
+from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, quiet_prefect_console
+from tokenmill.errors import TokenmillError
 from tokenmill.tasks.runner import Job, JobConfig
 from tokenmill.usage import RunStats
 
-
-@task(name="prepare", cache_policy=NO_CACHE)
-def prepare(prepare_job: Callable[[JobConfig], Job], config: JobConfig) -> Job:
-    """Open the input and model and check the templates before any row is generated."""
-    return prepare_job(config)
+_prepared: dict[str, Job] = {}  # jobs cli_main prepared, handed to the flow run it starts
 
 
-@task(name="generate-rows", cache_policy=NO_CACHE)
-def generate(job: Job, progress: bool) -> RunStats:
-    """Run every row through the model worker; results land in OUT as they finish."""
-    artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
+def _config_key(config: JobConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
 
-    def on_chunk(stats: RunStats) -> None:
-        update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
 
-    stats = job.run(progress=progress, run_id=flow_run.id, on_chunk=on_chunk)
-    update_progress_artifact(artifact_id=artifact, progress=100.0)
-    return stats
+class PrefectStartError(TokenmillError):
+    """Prefect's temporary server did not come up."""
+
+
+@functools.cache
+def _tasks():
+    from prefect import task
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.cache_policies import NO_CACHE
+    from prefect.runtime import flow_run
+
+    @task(name="prepare", cache_policy=NO_CACHE)
+    def prepare(prepare_job: Callable[[JobConfig], Job], config: JobConfig) -> Job:
+        """Open the input and model and check the templates before any row is generated
+        (already done, before Prefect started, when the run came from the command line)."""
+        return _prepared.pop(_config_key(config), None) or prepare_job(config)
+
+    @task(name="generate-rows", cache_policy=NO_CACHE)
+    def generate(job: Job, progress: bool) -> RunStats:
+        """Run every row through the model worker; results land in OUT as they finish."""
+        artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
+
+        def on_chunk(stats: RunStats) -> None:
+            update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
+
+        stats = job.run(progress=progress, run_id=flow_run.id, on_chunk=on_chunk)
+        update_progress_artifact(artifact_id=artifact, progress=100.0)
+        return stats
+
+    return prepare, generate
 
 
 def publish_run_table(job: Job, stats: RunStats) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
     lines = ["| metric | value |", "| --- | --- |"] + [
         f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
         for key, value in stats.row().items()
@@ -44,23 +77,99 @@ def publish_run_table(job: Job, stats: RunStats) -> None:
                              + "\n".join(lines), description=f"tokenmill run, results in {job.out}")
 
 
-def run_job(prepare_job: Callable[[JobConfig], Job], config: JobConfig, progress: bool) -> dict:
-    """The body of every row-job flow."""
-    job = prepare(prepare_job, config)
-    stats = generate(job, progress)
-    publish_run_table(job, stats)
+def _result(job: Job, stats: RunStats) -> dict:
     return {"out": str(job.out), "summary": stats.summary_line(str(job.out)), "rows_error": stats.rows_error,
             **{k: v for k, v in stats.row().items() if isinstance(v, (int, float, str))}}
 
 
+def run_job(prepare_job: Callable[[JobConfig], Job], config: JobConfig, progress: bool) -> dict:
+    """The body of every row-job flow."""
+    prepare, generate = _tasks()
+    job = prepare(prepare_job, config)
+    stats = generate(job, progress)
+    publish_run_table(job, stats)
+    return _result(job, stats)
+
+
+@functools.cache
+def _flow(fn: Callable[..., dict], name: str):
+    from prefect import flow
+
+    return flow(name=name, log_prints=False)(fn)
+
+
+def lazy_flow(fn: Callable[..., dict], name: str, attribute: str) -> Callable[[str], Any]:
+    """A module `__getattr__` (PEP 562) that turns `fn` into the Prefect flow `attribute` on
+    first use: `from flows.summarize import summarize_flow` works, and the command line does
+    not import Prefect before it knows there is work."""
+
+    def __getattr__(key: str):
+        if key == attribute:
+            return _flow(fn, name)
+        raise AttributeError(f"module {fn.__module__!r} has no attribute {key!r}")
+
+    return __getattr__
+
+
+def _start_prefect_server() -> Callable[[], None]:
+    """Start Prefect's temporary server in a thread when no server is configured; returns a
+    wait() that raises PrefectStartError with what to do if it did not come up."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if PREFECT_API_URL.value():
+        return lambda: None  # a server of the user's own: nothing to start
+    from prefect.server.api.server import SubprocessASGIServer
+
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()  # the instance Prefect's client uses later
+        except BaseException as exc:  # reported by wait()
+            failure.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            raise PrefectStartError(
+                f"Prefect's temporary server did not start within {timeout} s ({str(failure[0]).split('.')[0]}); "
+                "on a busy machine raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server once "
+                "with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+    return wait
+
+
 def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[..., Job],
-             flow_fn: Callable[..., dict]) -> int:
-    """--show-prompt, or the flow with its one-line summary and exit status."""
+             flow_body: Callable[..., dict], flow_name: str) -> int:
+    """--show-prompt, or the job (in the Prefect flow `flow_name` made of `flow_body` when it
+    has rows to generate) with its one-line summary and exit status."""
     if args.show_prompt:
         job = prepare_job(config, create_out=False)
         print(job.first_prompt)
         print(f"({job.describe_prompt()})", file=sys.stderr)
         return EXIT_OK
-    result = flow_fn(config, progress=not args.no_progress)
+    job = prepare_job(config)
+    if not job.has_pending_rows():
+        stats = job.run(progress=not args.no_progress)
+        print(stats.summary_line(str(job.out)) + "; nothing to generate, so no Prefect flow run was started",
+              file=sys.stderr)
+        return EXIT_ROW_ERRORS if stats.rows_error else EXIT_OK
+    job.start_worker()  # the model loads in its own process from now on
+    try:
+        wait_for_prefect = _start_prefect_server()
+        flow = _flow(flow_body, flow_name)
+        if not args.verbose:
+            quiet_prefect_console()
+        wait_for_prefect()
+        _prepared[_config_key(config)] = job
+        result = flow(config, progress=not args.no_progress)
+    finally:
+        _prepared.pop(_config_key(config), None)
+        job.stop_worker()
     print(result["summary"], file=sys.stderr)
     return EXIT_ROW_ERRORS if result["rows_error"] else EXIT_OK
+

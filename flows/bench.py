@@ -1,15 +1,25 @@
-"""Benchmark the full flow against a plain llama-cpp-python loop: `python -m flows.bench [summarize|extract]`.
+"""Benchmarks, each printed as ratios against a baseline run in the same sitting:
+`python -m flows.bench [summarize|extract|startup] [options]`.
 
-Both sides get the same rendered prompts and the same generation settings, run one after
-the other in this process on this machine, and are reported as ratios, so a noisy shared
-machine moves both. The engine's ceiling is estimated from its own measured prefill and
-batched-decode rates: prompt tokens evaluated / prefill rate + completion tokens / decode rate.
+- summarize (W1: 48 SciTLDR dev abstracts, max_tokens 64) and extract (W2: the first 200
+  distinct E2E dev rows, the restaurants schema, max_tokens 160): the full flow against a
+  plain llama-cpp-python loop over the same prompts (one create_completion per row), and
+  against the engine's ceiling: prompt tokens evaluated / prefill rate + completion tokens /
+  batched decode rate, with the rates from a repeated probe (median and spread) and, when
+  the peers are set up, from llama.cpp's own llama-batched-bench. Then where the engine's
+  time went. extract adds grammar rows against free rows on the same prompts.
+- startup: wall times of whole commands (a refused command, a one-row job, a rerun with
+  nothing to do, W1 from the command line).
+- `--peers`: also run ../shared/peers' llama-server script for the workload and print the ratio.
+Run it on a quiet machine: the load average is printed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -18,9 +28,11 @@ from pathlib import Path
 import polars as pl
 
 import flows  # noqa: F401  sets Prefect's environment defaults
+from flows import _peers
 from tokenmill.tasks.runner import Job, JobConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
 
 
 def scitldr_input(rows: int, folder: Path) -> Path:
@@ -31,8 +43,10 @@ def scitldr_input(rows: int, folder: Path) -> Path:
 
 
 def e2e_input(rows: int, folder: Path) -> Path:
+    """The first `rows` distinct meaning representations, as the W2 peer reads them."""
     path = folder / "e2e.parquet"
-    pl.read_csv(SHARED / "e2e" / "dev.csv").head(rows).select(pl.col("ref").alias("text")).write_parquet(path)
+    frame = pl.read_csv(SHARED / "e2e" / "dev.csv").unique(subset=["mr"], keep="first", maintain_order=True)
+    frame.head(rows).select(pl.col("ref").alias("text")).write_parquet(path)
     return path
 
 
@@ -63,100 +77,205 @@ def plain_loop(job: Job, max_tokens: int, grammar_schema: dict | None) -> tuple[
     return time.perf_counter() - started, prompt_tokens, completion_tokens
 
 
-def jump_forward_runs(job: Job, max_tokens: int) -> dict:
-    """The engine alone on the job's rows, jump-forward on then off: {on: (seconds, stats, completions)}."""
+def engine_alone(job: Job, max_tokens: int, rows: int, grammar: bool, jump: bool) -> tuple[float, dict, dict]:
+    """The engine without the flow on the job's first `rows` prompts: (seconds, stats, completions)."""
     from dataclasses import replace
 
     from tokenmill.models.base import GenerationRequest
     from tokenmill.models.llama_batched import LlamaBatchedBackend
 
-    prompts = [job.render(row) for chunk in job.table.chunks(64) for row in chunk.iter_rows(named=True)]
-    runs = {}
-    for jump in (True, False):
-        requests = [GenerationRequest(index=i, prompt=p, max_tokens=max_tokens, temperature=0.0, seed=job.config.seed,
-                                      stop=list(job.task.stop), grammar=job.task.grammar) for i, p in enumerate(prompts)]
-        backend = LlamaBatchedBackend(replace(job.settings(), jump_forward=jump))
-        try:
-            started = time.perf_counter()
-            done = {c.index: c for c in backend.generate(requests)}
-            runs[jump] = (time.perf_counter() - started, dict(backend.stats), done)
-        finally:
-            backend.close()
-    return runs
+    prompts = [job.render(row) for chunk in job.table.chunks(64) for row in chunk.iter_rows(named=True)][:rows]
+    requests = [GenerationRequest(index=i, prompt=p, max_tokens=max_tokens, temperature=0.0, seed=job.config.seed,
+                                  stop=list(job.task.stop), grammar=job.task.grammar if grammar else None)
+                for i, p in enumerate(prompts)]
+    backend = LlamaBatchedBackend(replace(job.settings(), jump_forward=jump))
+    try:
+        started = time.perf_counter()
+        done = {c.index: c for c in backend.generate(requests)}
+        return time.perf_counter() - started, dict(backend.stats), done
+    finally:
+        backend.close()
 
 
-def engine_rates(job: Job) -> dict:
+def probe_rates(job: Job, repeats: int = 5) -> dict:
+    """The engine's prefill and batched-decode rates, `repeats` probes: median, min, max."""
     from tokenmill.models.llama_batched import LlamaBatchedBackend
 
     backend = LlamaBatchedBackend(job.settings())
     try:
-        return backend.measure_rates()
+        backend.measure_rates(prompt_tokens=64, steps=4)  # warm-up
+        probes = [backend.measure_rates(prompt_tokens=256, steps=48) for _ in range(repeats)]
     finally:
         backend.close()
+    out = {"n_seq": probes[0]["n_seq"], "threads": backend.n_threads}
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        values = [p[key] for p in probes]
+        out[key], out[key + "_range"] = statistics.median(values), (min(values), max(values))
+    return out
+
+
+def breakdown(engine: dict, flow_s: float) -> str:
+    """Where the flow's time went, from the engine's counters (seconds)."""
+    parts = {"decode (prompts)": engine.get("prompt_s", 0.0), "decode (generation)": engine.get("generate_s", 0.0),
+             "sampling": engine.get("sample_s", 0.0), "detokenize, stops, jump-forward": engine.get("text_s", 0.0),
+             "admission (tokenize, samplers)": engine.get("admit_s", 0.0),
+             "engine idle, waiting for requests": engine.get("idle_s", 0.0)}
+    run_s = engine.get("run_s", 0.0)
+    parts["engine loop other"] = max(0.0, run_s - sum(parts.values()))
+    parts["outside the engine (start-up, model load, queues, Prefect, writing)"] = max(0.0, flow_s - run_s)
+    return "\n".join(f"    {name:<70} {seconds:7.2f} s  {100 * seconds / flow_s:5.1f} %" for name, seconds in parts.items())
+
+
+def _gen_rate(seconds_stats: dict, completion: int) -> float:
+    gen = seconds_stats["generate_s"] + seconds_stats["sample_s"] + seconds_stats["text_s"]
+    return completion / gen if gen else 0.0
+
+
+def grammar_vs_free(job: Job, max_tokens: int, rows: int) -> None:
+    """Generation speed of grammar rows against free rows on the same prompts (engine alone)."""
+    print(f"  grammar rows against free rows (engine alone, first {rows} rows; generation tok/s = completion "
+          "tokens / (generation decode + sampling + text time)):")
+    runs = {name: engine_alone(job, max_tokens, rows, grammar, jump) for name, grammar, jump in
+            (("free", False, False), ("grammar", True, False), ("grammar + jump-forward", True, True))}
+    free_rate = None
+    for name, (seconds, stats, done) in runs.items():
+        completion = sum(c.completion_tokens for c in done.values())
+        rate = _gen_rate(stats, completion)
+        free_rate = free_rate or rate
+        extra = ""
+        if stats.get("grammar_samples"):
+            extra = (f"; {stats['grammar_rejections']} of {stats['grammar_samples']} sampled tokens rejected by the "
+                     f"grammar, forced {stats['forced_tokens']}")
+        print(f"    {name:<24} {seconds:6.1f} s  {completion:6d} completion tokens  {rate:6.1f} tok/s  "
+              f"({rate / free_rate:.2f}x free){extra}")
+
+
+def print_peer(workload: str, script: str, ours_s: float, label: str) -> None:
+    peer = _peers.server_run(script, slots=4)
+    if peer is None:
+        print("  peers not set up (../shared/peers/setup.sh): no llama-server comparison")
+        return
+    print(f"  {peer['peer']}: {peer['wall_s']:.1f} s for the requests ({workload})")
+    print(f"  {label} / llama-server: {peer['wall_s'] / ours_s:.2f}x as fast")
+
+
+def row_bench(args: argparse.Namespace) -> int:
+    kind = args.kind
+    rows = args.rows or (48 if kind == "summarize" else 200)
+    max_tokens = args.max_tokens or (64 if kind == "summarize" else 160)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = scitldr_input(rows, folder) if kind == "summarize" else e2e_input(rows, folder)
+        config = JobConfig(input=str(data), out=str(folder / "out"), max_tokens=max_tokens, temperature=0.0,
+                           n_ctx=args.n_ctx, n_seq=args.n_seq, n_threads=args.threads, cache=False,
+                           schema=str(REPO / "jobs" / "restaurants.yaml") if kind == "extract" else None)
+        if kind == "summarize":
+            from tokenmill.tasks.summarize import prepare_summarize as prepare
+        else:
+            from tokenmill.tasks.extract import prepare_extract as prepare
+        job = prepare(config, create_out=False)
+        schema = json.loads(job.task.variables["schema"]) if kind == "extract" else None
+
+        rates = probe_rates(job)
+        peer_rates = _peers.batched_bench(str(job.model_path), rates["n_seq"], rates["threads"]) if args.peers else None
+        plain_s, plain_prompt, plain_completion = plain_loop(job, max_tokens, schema)
+        run_flow(kind, JobConfig(**{**config.__dict__, "out": str(folder / "warmup"), "limit": 1}))  # Prefect up
+        flow_s, result = run_flow(kind, config)
+        results = pl.read_parquet(folder / "out" / "results.parquet")
+
+        evaluated = int(results["prompt_tokens"].sum() - results["cached_tokens"].sum())
+        completion = int(results["completion_tokens"].sum())
+        ceiling_s = evaluated / rates["prefill_tok_s"] + completion / rates["decode_tok_s"]
+        flow_tok = (results["prompt_tokens"].sum() + completion) / flow_s
+        plain_tok = (plain_prompt + plain_completion) / plain_s
+        pr, dr = rates["prefill_tok_s_range"], rates["decode_tok_s_range"]
+        print(f"tokenmill bench: {kind}, {rows} rows, max_tokens {max_tokens}, temperature 0, n_ctx {args.n_ctx}, "
+              f"{rates['n_seq']} slots, device {result['device']}; load average at start {args.load:.2f}")
+        print(f"  engine rates (5 probes, median [min-max]): prefill {rates['prefill_tok_s']:.0f} [{pr[0]:.0f}-{pr[1]:.0f}] "
+              f"tok/s, batched decode {rates['decode_tok_s']:.0f} [{dr[0]:.0f}-{dr[1]:.0f}] tok/s")
+        if peer_rates:
+            print(f"  llama-batched-bench at {peer_rates['n_seq']} sequences: prefill {peer_rates['prefill_tok_s']:.0f} "
+                  f"tok/s, decode {peer_rates['decode_tok_s']:.0f} tok/s")
+        print(f"  plain llama-cpp-python loop: {plain_s:7.1f} s  {plain_tok:6.0f} tok/s  "
+              f"({plain_prompt} prompt + {plain_completion} completion tokens)")
+        print(f"  tokenmill flow (end to end): {flow_s:7.1f} s  {flow_tok:6.0f} tok/s  "
+              f"({results['prompt_tokens'].sum()} prompt, {results['cached_tokens'].sum()} from the shared prefix, "
+              f"{completion} completion; {int((results['status'] == 'ok').sum())}/{results.height} ok)")
+        print(f"  engine ceiling (probe rates): {ceiling_s:7.1f} s")
+        if peer_rates:
+            peer_ceiling = evaluated / peer_rates["prefill_tok_s"] + completion / peer_rates["decode_tok_s"]
+            print(f"  engine ceiling (llama-batched-bench rates): {peer_ceiling:7.1f} s   flow / that ceiling: "
+                  f"{flow_s / peer_ceiling:.2f}x")
+        print(f"  speed-up over the plain loop: {plain_s / flow_s:.2f}x   flow / ceiling: {flow_s / ceiling_s:.2f}x")
+        print("  where the flow's time went:")
+        print(breakdown(result.get("engine") or {}, flow_s))
+        if kind == "extract":
+            grammar_vs_free(job, max_tokens, min(rows, args.grammar_rows))
+        if args.peers:
+            print_peer("W1" if kind == "summarize" else "W2",
+                       "llama_server.py" if kind == "summarize" else "llama_server_extract.py", flow_s, "tokenmill flow")
+    return 0
+
+
+def _timed(*argv: str) -> tuple[float, int, str]:
+    import subprocess
+
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *argv, "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    return time.perf_counter() - started, proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
+
+
+def startup_bench(args: argparse.Namespace) -> int:
+    """Whole commands as a user runs them, each in a fresh process (interpreter start included)."""
+    api = os.environ.get("PREFECT_API_URL")
+    print(f"tokenmill bench: startup (process wall, fresh interpreter each); Prefect: "
+          f"{'server at ' + api if api else 'temporary server started by each command'}; load average at start {args.load:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = scitldr_input(48, folder)
+        cases = [
+            ("refused: input file not found", ["flows.extract", str(folder / "missing.csv"), "--schema",
+                                               str(REPO / "jobs" / "restaurants.yaml")]),
+            ("one row, one token", ["flows.summarize", str(data), "--limit", "1", "--max-tokens", "1", "--no-cache",
+                                    "--out", str(folder / "one")]),
+            ("rerun with nothing to do", ["flows.summarize", str(data), "--limit", "1", "--max-tokens", "1",
+                                          "--no-cache", "--out", str(folder / "one")]),
+            ("W1 from the command line (48 rows, max_tokens 64)", ["flows.summarize", str(data), "--max-tokens", "64",
+                                                                   "--no-cache", "--out", str(folder / "w1")]),
+        ]
+        walls = {}
+        for name, argv in cases:
+            wall, code, last = _timed(*argv)
+            walls[name] = wall
+            print(f"  {name:<52} {wall:6.1f} s  exit {code}: {last[:150]}")
+    if args.peers:
+        print_peer("W1", "llama_server.py", walls[cases[-1][0]], "W1 command (start-up included)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", nargs="?", choices=["summarize", "extract"], default="summarize")
+    p.add_argument("kind", nargs="?", choices=["summarize", "extract", "startup"], default="summarize")
     p.add_argument("--rows", type=int, help="rows to run (default 48 for summarize, 200 for extract)")
-    p.add_argument("--max-tokens", type=int, help="default 64 for summarize, 192 for extract")
+    p.add_argument("--max-tokens", type=int, help="default 64 for summarize, 160 for extract")
     p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--n-seq", type=int, default=0)
+    p.add_argument("--n-seq", type=int, default=0, help="slots (default: the flows' default)")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: the flows' default)")
+    p.add_argument("--grammar-rows", type=int, default=48, help="extract: rows for grammar against free rows")
+    p.add_argument("--peers", action="store_true",
+                   help="also run ../shared/peers (llama-server, llama-batched-bench) in the same sitting")
     args = p.parse_args(argv)
+    args.load = os.getloadavg()[0]
+    if args.peers and not _peers.available():
+        p.error("--peers: the peers are not set up; run ../shared/peers/setup.sh first")
+    if args.kind == "startup":
+        return startup_bench(args)
     from flows._cli import quiet_prefect_console
+    from flows.summarize import summarize_flow  # noqa: F401  Prefect imported, so its console can be quieted
 
     quiet_prefect_console()
-    rows = args.rows or (48 if args.kind == "summarize" else 200)
-    max_tokens = args.max_tokens or (64 if args.kind == "summarize" else 192)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        data = scitldr_input(rows, folder) if args.kind == "summarize" else e2e_input(rows, folder)
-        schema_path = str(Path(__file__).resolve().parents[1] / "jobs" / "restaurants.yaml")
-        config = JobConfig(input=str(data), out=str(folder / "out"), max_tokens=max_tokens, temperature=0.0,
-                           n_ctx=args.n_ctx, n_seq=args.n_seq, cache=False,
-                           schema=schema_path if args.kind == "extract" else None)
-        if args.kind == "summarize":
-            from tokenmill.tasks.summarize import prepare_summarize as prepare
-        else:
-            from tokenmill.tasks.extract import prepare_extract as prepare
-        job = prepare(config, create_out=False)
-        schema = json.loads(job.task.variables["schema"]) if args.kind == "extract" else None
-
-        rates = engine_rates(job)
-        plain_s, plain_prompt, plain_completion = plain_loop(job, max_tokens, schema)
-        run_flow(args.kind, JobConfig(**{**config.__dict__, "out": str(folder / "warmup"), "limit": 1}))
-        flow_s, result = run_flow(args.kind, config)
-        results = pl.read_parquet(folder / "out" / "results.parquet")
-        jump = jump_forward_runs(job, max_tokens) if job.task.grammar else None
-
-    evaluated = int(results["prompt_tokens"].sum() - results["cached_tokens"].sum())
-    completion = int(results["completion_tokens"].sum())
-    ceiling_s = evaluated / rates["prefill_tok_s"] + completion / rates["decode_tok_s"]
-    flow_tok = (results["prompt_tokens"].sum() + completion) / flow_s
-    plain_tok = (plain_prompt + plain_completion) / plain_s
-    print(f"tokenmill bench: {args.kind}, {rows} rows, max_tokens {max_tokens}, temperature 0, "
-          f"n_ctx {args.n_ctx}, {rates['n_seq']} slots, device {result['device']}")
-    print(f"  engine rates: prefill {rates['prefill_tok_s']:.0f} tok/s, batched decode "
-          f"{rates['decode_tok_s']:.0f} tok/s")
-    print(f"  plain llama-cpp-python loop: {plain_s:7.1f} s  {plain_tok:6.0f} tok/s  "
-          f"({plain_prompt} prompt + {plain_completion} completion tokens)")
-    print(f"  tokenmill flow (end to end): {flow_s:7.1f} s  {flow_tok:6.0f} tok/s  "
-          f"({results['prompt_tokens'].sum()} prompt, {results['cached_tokens'].sum()} from the shared prefix, "
-          f"{completion} completion; {int((results['status'] == 'ok').sum())}/{results.height} ok)")
-    print(f"  engine ceiling estimate:     {ceiling_s:7.1f} s")
-    print(f"  speed-up over the plain loop: {plain_s / flow_s:.2f}x   flow / ceiling: {flow_s / ceiling_s:.2f}x")
-    if jump:
-        (on_s, on, on_rows), (off_s, off, off_rows) = jump[True], jump[False]
-        same = sum(c.text == off_rows[i].text for i, c in on_rows.items())
-        completion = sum(c.completion_tokens for c in on_rows.values())
-        print(f"  engine alone, jump-forward on: {on_s:7.1f} s  off: {off_s:7.1f} s   "
-              f"jump-forward speed-up: {off_s / on_s:.2f}")
-        print(f"    on: {on['forced_tokens']} of {completion} completion tokens forced, "
-              f"{on['generate_calls']} generation decode calls (off: {off['generate_calls']}), "
-              f"{on['jump_forward_s']:.2f} s finding forced text; decode {on['decode_s']:.1f} s (off: "
-              f"{off['decode_s']:.1f} s); {same}/{len(on_rows)} outputs identical on vs off")
-    return 0
+    return row_bench(args)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefect import flow
-
 from flows._cli import common_parser, config_from_args, run_cli
-from flows._job import cli_main, run_job
+from flows._job import cli_main, lazy_flow, run_job
 from tokenmill.tasks.extract import prepare_extract
 from tokenmill.tasks.runner import JobConfig
 
 
-@flow(name="extract", log_prints=False)
-def extract_flow(config: JobConfig, progress: bool = True) -> dict:
+def extract(config: JobConfig, progress: bool = True) -> dict:
     """Extract `config.schema`'s fields from `config.input` into OUT/results.parquet's `extracted` column."""
     return run_job(prepare_extract, config, progress)
+
+
+# `extract_flow`: the Prefect flow "extract", built on first use (see flows._job.lazy_flow)
+__getattr__ = lazy_flow(extract, "extract", "extract_flow")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args, schema=args.schema, grammar=args.grammar, max_retries=args.max_retries)
-    return cli_main(args, config, prepare_extract, extract_flow)
+    return cli_main(args, config, prepare_extract, extract, "extract")
 
 
 if __name__ == "__main__":

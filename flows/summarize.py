@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefect import flow
-
 from flows._cli import common_parser, config_from_args, run_cli
-from flows._job import cli_main, run_job
+from flows._job import cli_main, lazy_flow, run_job
 from tokenmill.tasks.runner import JobConfig
 from tokenmill.tasks.summarize import prepare_summarize
 
 
-@flow(name="summarize", log_prints=False)
-def summarize_flow(config: JobConfig, progress: bool = True) -> dict:
+def summarize(config: JobConfig, progress: bool = True) -> dict:
     """Summarize `config.input` into `OUT/results.parquet` and `OUT/usage.parquet`."""
     return run_job(prepare_summarize, config, progress)
+
+
+# `summarize_flow`: the Prefect flow "summarize", built on first use (see flows._job.lazy_flow)
+__getattr__ = lazy_flow(summarize, "summarize", "summarize_flow")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args, max_words=args.max_words, split_long=args.split_long, max_chunks=args.max_chunks)
-    return cli_main(args, config, prepare_summarize, summarize_flow)
+    return cli_main(args, config, prepare_summarize, summarize, "summarize")
 
 
 if __name__ == "__main__":

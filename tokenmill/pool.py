@@ -142,40 +142,55 @@ class ModelWorker:
         self._last_message = time.monotonic()
         self._live_stats: dict = {}
         self._dead_stats: dict = {}
+        self._ready = False
+        self._started_at = 0.0
 
     @property
     def in_flight(self) -> int:
         return len(self._pending) + len(self._failed)
 
-    def start(self) -> str:
-        """Start the process and wait until the model is loaded; returns the device description."""
+    def start(self, wait: bool = True) -> str:
+        """Start the process; with `wait`, wait until the model is loaded and return the device
+        description. Without, the model loads while the caller does other work: the first
+        `submit` waits for it (and raises the load error, if any)."""
         self._requests = self._ctx.Queue()
         self._results = self._ctx.Queue()
+        self._ready = False
         self._proc = self._ctx.Process(target=_worker_main,
                                        args=(self.settings, self._requests, self._results, os.getpid()),
                                        daemon=True, name="tokenmill-worker")
         self._proc.start()
-        deadline = time.monotonic() + self.load_timeout_s
-        while time.monotonic() < deadline:
+        self._started_at = time.monotonic()
+        return self.wait_ready() if wait else "loading"
+
+    def wait_ready(self) -> str:
+        """Block until the started worker has loaded its model; raises ModelError if it cannot."""
+        deadline = self._started_at + self.load_timeout_s
+        while not self._ready and time.monotonic() < deadline:
             try:
                 kind, payload = self._results.get(timeout=0.5)
             except queue.Empty:
                 if not self._proc.is_alive():
+                    code, self._proc = self._proc.exitcode, None
                     raise ModelError(f"the model worker died while loading {self.settings.model_path} "
-                                     f"(exit code {self._proc.exitcode})") from None
+                                     f"(exit code {code})") from None
                 continue
             if kind == "load_error":
                 self._proc.join(5)
+                self._proc = None
                 raise ModelError(payload)
-            self.device = payload
+            self.device, self._ready = payload, True
             self._last_message = time.monotonic()
-            return payload
-        self.stop()
-        raise ModelError(f"loading {self.settings.model_path} took longer than {self.load_timeout_s:.0f} s")
+        if not self._ready:
+            self.stop()
+            raise ModelError(f"loading {self.settings.model_path} took longer than {self.load_timeout_s:.0f} s")
+        return self.device
 
     def submit(self, request: GenerationRequest) -> None:
         if self._proc is None:
             self.start()
+        elif not self._ready:
+            self.wait_ready()
         self._pending[request.index] = request
         self._requests.put(request)
 

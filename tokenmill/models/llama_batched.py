@@ -28,7 +28,6 @@ KV layouts (`kv_unified`); isolated is the default because it is exact and faste
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -36,19 +35,12 @@ from typing import Iterable, Iterator
 import llama_cpp
 
 from tokenmill.errors import ModelError
-from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.base import Completion, GenerationRequest, ModelSettings, default_threads
 from tokenmill.models.jump_forward import MAX_FORCED, JumpForward
 from tokenmill.models.llama_load import create_context, gpu_layers, load_model
 from tokenmill.models.llama_rates import measure
-from tokenmill.models.llama_sampling import (
-    GRAMMAR_INDEX,
-    RowError,
-    RowText,
-    build_sampler,
-    gpu_names,
-    token_piece,
-    tokenize_prompt,
-)
+from tokenmill.models.llama_sampling import RowError, RowText, gpu_names, token_piece, tokenize_prompt
+from tokenmill.models.row_sampler import Candidates, RowSampler
 
 PREFIX_SEQ = 0
 MIN_SHARED = 8  # a shorter common prefix is not worth trimming the cached one for
@@ -105,7 +97,7 @@ class LlamaBatchedBackend:
         self.kv_unified = DEFAULT_KV_UNIFIED if kv_unified is None else kv_unified
         self._model = self._ctx = self._batch = None
         self._busy = False
-        self.n_threads = settings.n_threads or os.cpu_count() or 1
+        self.n_threads = settings.n_threads or default_threads()
         self.n_gpu_layers = gpu_layers(settings)
         self._model, self._tensor_split = load_model(settings, self.n_gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -119,11 +111,13 @@ class LlamaBatchedBackend:
         self.row_ctx = self.n_ctx if self.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._candidates = Candidates(self._vocab)  # grammar rows' sampling scratch (row_sampler.py)
         self._prefix: list[int] = []  # tokens sequence 0 should hold
         self._prefix_done = 0  # how many of them it holds now
         self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_s": 0.0, "generate_s": 0.0, "generate_calls": 0, "forced_tokens": 0,
-                      "jump_forward_s": 0.0}
+                      "jump_forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0, "idle_s": 0.0, "admit_s": 0.0,
+                      "grammar_samples": 0, "grammar_rejections": 0}
         self.jump = JumpForward(self._vocab, self.stats) if settings.jump_forward else None
         self.max_forced = min(MAX_FORCED, self.n_batch // self.n_seq - 1)
         self.last_decode_s = 0.0
@@ -218,6 +212,7 @@ class _Run:
                 if self.exhausted:
                     return  # admit() seats any pending row once nothing runs, so all is done
                 time.sleep(IDLE_WAIT_S)  # the source has nothing now; more may come
+                self.e.stats["idle_s"] += IDLE_WAIT_S
                 continue
             self.start_ready()
             for call in self.plan_step():
@@ -231,12 +226,14 @@ class _Run:
     # -- admission --
 
     def admit(self) -> None:
+        t0 = time.perf_counter()
         while self.free and (self.pending is not None or self.pull()):
             plan = self.choose_plan(self.pending)
             if plan is None:
-                return  # no room: wait for a running row to finish
+                break  # no room: wait for a running row to finish
             row, self.pending = self.pending, None
             self.seat(row, *plan)
+        self.e.stats["admit_s"] += time.perf_counter() - t0  # reading requests, tokenizing, samplers
 
     def pull(self) -> bool:
         """Fetch and check requests until one is pending; False when the input has ended."""
@@ -266,12 +263,12 @@ class _Run:
                     f"row needs {len(tokens) + req.max_tokens} tokens (prompt {len(tokens)} + max_tokens "
                     f"{req.max_tokens}) but the context holds only {e.row_ctx}; raise --n-ctx or lower --max-tokens"
                 )
-            sampler = build_sampler(e._vocab, req)
+            sampler = RowSampler(e._vocab, req, e._candidates, e.stats)
         except RowError as err:
             self.out.append(Completion(req.index, None, "error", error=str(err), prompt_tokens=len(tokens)))
             return None
         text = RowText(stop=[s.encode("utf-8") for s in req.stop if s], bos=llama_cpp.llama_vocab_bos(e._vocab))
-        grammar = llama_cpp.llama_sampler_chain_get(sampler, GRAMMAR_INDEX) if req.grammar and e.jump else None
+        grammar = sampler.grammar if e.jump else None
         return _Row(req=req, tokens=tokens, sampler=sampler, text=text, t_pulled=t, grammar=grammar)
 
     def choose_plan(self, row: _Row) -> tuple[str, int] | None:
@@ -415,8 +412,12 @@ class _Run:
             if row.next_token < 0:
                 row.t_prompt_end = now
             row.forced = []
-            token = llama_cpp.llama_sampler_sample(row.sampler, e._ctx, idx)  # this also accepts it
+            t0 = time.perf_counter()
+            token = row.sampler.sample(e._ctx, idx)  # this also accepts it
+            t1 = time.perf_counter()
             self.consume(row, token)
+            e.stats["sample_s"] += t1 - t0
+            e.stats["text_s"] += time.perf_counter() - t1  # detokenize, stops, jump-forward (also in jump_forward_s)
 
     def consume(self, row: _Row, token: int) -> None:
         e = self.e
@@ -427,7 +428,7 @@ class _Run:
         if row.grammar is not None:  # jump-forward: tokens the grammar forces next, unsampled
             row.forced = e.jump.forced_tokens(row.grammar, min(e.max_forced, row.req.max_tokens - len(row.text.tokens)))
             for tok in row.forced:
-                llama_cpp.llama_sampler_accept(row.sampler, tok)  # once: nothing sampled it
+                row.sampler.accept(tok)  # once: nothing sampled it
                 e.stats["forced_tokens"] += 1
                 if self.append(row, tok):
                     return
@@ -462,7 +463,7 @@ class _Run:
 
     def release(self, row: _Row) -> None:
         if row.sampler is not None:
-            llama_cpp.llama_sampler_free(row.sampler)
+            row.sampler.free()
             row.sampler = None
         if row in self.rows:
             self.rows.remove(row)

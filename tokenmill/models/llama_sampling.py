@@ -1,6 +1,6 @@
 """Per-row pieces of the batched llama.cpp engine: tokens, sampler chains, text and stops.
 
-Everything here mirrors `llama_cpp.Llama.create_completion`, so a row decoded in a batch
+Everything here (and the sampler chain in row_sampler.py) mirrors `llama_cpp.Llama.create_completion`, so a row decoded in a batch
 gets the same tokens, text, finish reason and usage as that reference call. Also two thin
 helpers over the C library: log capture while loading, and GPU names for `device()`.
 """
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from tokenmill.models.base import GenerationRequest
 
 # create_completion's Llama keeps the last 64 tokens for its repeat penalty.
 PENALTY_LAST_N = 64
-GRAMMAR_INDEX = 1  # build_sampler's chain: penalties, grammar, ...
 
 
 class RowError(Exception):
@@ -59,47 +57,6 @@ def token_piece(vocab, token: int) -> bytes:
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
     return buf.raw[:n]
-
-
-def build_sampler(vocab, req: GenerationRequest):
-    """A llama_sampler chain for one row, in create_completion's order; the caller frees it.
-
-    Raises RowError when llama.cpp cannot parse the grammar (init_grammar returns NULL).
-    llama_sampler_sample accepts the token it samples: a second llama_sampler_accept of it
-    would advance the grammar twice and abort. Only jump-forward's forced tokens, which
-    nothing sampled, are fed in with llama_sampler_accept, once each. The grammar sampler,
-    when there is one, is the chain's part GRAMMAR_INDEX.
-    """
-    parts = [
-        llama_cpp.llama_sampler_init_penalties(
-            llama_cpp.llama_vocab_n_tokens(vocab), PENALTY_LAST_N, req.repeat_penalty, 0.0, 0.0
-        )
-    ]
-    if req.grammar is not None:
-        with LogCapture() as log:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, req.grammar.encode("utf-8"), b"root")
-        if not grammar:
-            llama_cpp.llama_sampler_free(parts[0])
-            raise RowError(f"invalid GBNF grammar: {log.reason('llama.cpp could not parse it')}")
-        parts.append(grammar)
-    seed = req.seed & 0xFFFFFFFF
-    if req.temperature < 0:
-        parts.append(llama_cpp.llama_sampler_init_dist(seed))
-    elif req.temperature == 0:
-        parts.append(llama_cpp.llama_sampler_init_greedy())
-    else:
-        parts += [
-            llama_cpp.llama_sampler_init_top_k(req.top_k),
-            llama_cpp.llama_sampler_init_typical(1.0, 1),
-            llama_cpp.llama_sampler_init_top_p(req.top_p, 1),
-            llama_cpp.llama_sampler_init_min_p(req.min_p, 1),
-            llama_cpp.llama_sampler_init_temp(req.temperature),
-            llama_cpp.llama_sampler_init_dist(seed),
-        ]
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    for part in parts:
-        llama_cpp.llama_sampler_chain_add(chain, part)  # the chain owns and frees it
-    return chain
 
 
 def _incomplete_utf8(text: bytes) -> bool:

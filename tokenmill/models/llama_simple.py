@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterable, Iterator
 
-from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.base import Completion, GenerationRequest, ModelSettings, default_threads
 from tokenmill.models.gguf_info import load_llama
 
 from llama_cpp import LlamaGrammar, LogitsProcessorList
@@ -35,7 +34,7 @@ class LlamaSimpleBackend:
     def __init__(self, settings: ModelSettings):
         self.settings = settings
         self.on_step = None
-        self.n_threads = settings.n_threads or os.cpu_count() or 1
+        self.n_threads = settings.n_threads or default_threads()
         self.n_gpu_layers = gpu_layers(settings.n_gpu_layers)
         self.llm = load_llama(
             settings.model_path,

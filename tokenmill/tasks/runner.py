@@ -55,6 +55,7 @@ class JobConfig:
     n_ctx: int = 4096
     n_seq: int = 0
     n_gpu_layers: int = -1
+    n_threads: int = 0  # 0: the cores not already busy (models.base.default_threads)
     backend: str = "llama"
     chunk_size: int = 32
     max_words: int = 40
@@ -83,6 +84,8 @@ class JobConfig:
             raise InputError(f"--temperature must be 0 or more, got {self.temperature}")
         if self.prompt_family is not None and self.prompt_family not in FAMILIES:
             raise InputError(f"--prompt-family {self.prompt_family!r} is unknown; choose one of: {', '.join(FAMILIES)}")
+        if self.n_threads < 0:
+            raise InputError(f"--threads must be 0 (automatic) or more, got {self.n_threads}")
         if self.chunk_size <= 0:
             raise InputError(f"--chunk-size must be positive, got {self.chunk_size}")
         if self.max_chunks <= 0:
@@ -176,6 +179,7 @@ class Job:
         self.split_params = {"split_n_ctx": config.n_ctx,
                              "reduce": self.reduce_template.source if self.reduce_template else None}
         self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
+        self.worker: ModelWorker | None = None  # see start_worker
         self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
         # (a template that cannot render the first row has failed here, before any generation)
 
@@ -191,7 +195,7 @@ class Job:
         c = self.config
         slots = c.n_seq or DEFAULT_SLOTS
         total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
-        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
+        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, n_threads=c.n_threads,
                              n_gpu_layers=c.n_gpu_layers, backend=c.backend)
 
     def _variables(self, row: dict, **extra) -> dict:
@@ -227,6 +231,45 @@ class Job:
         return self._chat([{"role": "user", "content": self.render_user(row)},
                            {"role": "assistant", "content": reply}, {"role": "user", "content": ask}])
 
+    def start_worker(self) -> None:
+        """Start loading the model in its worker process now; `run` uses this worker. The
+        command line calls it before Prefect starts, so the two overlap."""
+        if self.worker is None:
+            self.worker = self._new_worker()
+            self.worker.start(wait=False)
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def _new_worker(self) -> ModelWorker:
+        return ModelWorker(self.settings(), hang_timeout_s=self.config.hang_timeout_s)
+
+    def has_pending_rows(self) -> bool:
+        """Whether any row still needs the model (not done in OUT, not in the shared cache, not
+        failing before generation). Stops at the first such row."""
+        ledger = Ledger.load(self.out)
+        cache = self._open_cache()
+        try:
+            return any(error is None and self._reusable(info["row_key"], ledger, cache) is None
+                       for info, _plan, error in self._prepared_rows())
+        finally:
+            if cache:
+                cache.close()
+
+    def _open_cache(self) -> ResultCache | None:
+        c = self.config
+        return ResultCache(Path(c.cache_dir) if c.cache_dir else default_cache_dir()) if c.cache else None
+
+    def _reusable(self, key: str, ledger: Ledger, cache: ResultCache | None) -> tuple[dict, str | None] | None:
+        """(record, produced) of an earlier generation of `key` (this folder, then the shared cache), or None."""
+        if (record := ledger.get(key, self.config.retry_errors)) is not None:
+            return record, None
+        if cache is not None and (record := cache.get(key)) is not None:
+            return record, CACHED
+        return None
+
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage."""
@@ -245,8 +288,8 @@ class Job:
     def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None) -> None:
         c = self.config
         ledger = Ledger.load(self.out)
-        cache = ResultCache(Path(c.cache_dir) if c.cache_dir else default_cache_dir()) if c.cache else None
-        worker = ModelWorker(self.settings(), hang_timeout_s=c.hang_timeout_s)
+        cache = self._open_cache()
+        worker, self.worker = self.worker or self._new_worker(), None  # started by start_worker, or on first use
         writer = PartWriter(self.out, stats.run_id)
         buffered: list[dict] = []
         bar = tqdm(total=self.table.rows, unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -320,10 +363,8 @@ class Job:
                     emit(self._finish(done[key], info, DUPLICATE))
                 elif key in waiting:
                     waiting[key].append(info)
-                elif (record := ledger.get(key, self.config.retry_errors)) is not None:
-                    emit(self._finish(record, info))
-                elif cache is not None and (record := cache.get(key)) is not None:
-                    emit(self._finish(record, info, CACHED))
+                elif (reused := self._reusable(key, ledger, cache)) is not None:
+                    emit(self._finish(reused[0], info, reused[1]))
                 else:
                     waiting[key] = [info]
                     plans[key] = plan
