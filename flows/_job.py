@@ -79,6 +79,7 @@ def publish_run_table(job: Job, stats: RunStats) -> None:
 
 def _result(job: Job, stats: RunStats) -> dict:
     return {"out": str(job.out), "summary": stats.summary_line(str(job.out)), "rows_error": stats.rows_error,
+            "engine": dict(stats.engine),
             **{k: v for k, v in stats.row().items() if isinstance(v, (int, float, str))}}
 
 

@@ -321,3 +321,31 @@ def test_forced_tokens_honour_max_tokens_and_stop_strings(model_path, restaurant
         assert got[i].finish_reason == "length" and got[i].completion_tokens == i, (i, got[i])
         assert got[7].text.startswith(got[i].text)
     assert got[8].finish_reason == "stop" and got[8].text.endswith('"eat'), got[8].text
+
+
+def test_grammar_rows_sampled_first_give_grammar_first_text(model_path, restaurant_rows):
+    """The chosen token is checked against the grammar before the whole vocabulary is: for greedy
+    rows that must give exactly what create_completion's grammar-first sampling gives."""
+    grammar, validate, prompts = restaurant_rows
+    llm = llama_cpp.Llama(model_path, n_ctx=1024, verbose=False)
+    try:
+        reference = [llm.create_completion(p, max_tokens=160, temperature=0,
+                                           grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False))
+                     for p in prompts[:6]]
+    finally:
+        llm.close()
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=6, n_ctx=7 * 1024, jump_forward=False))
+    try:
+        got = {c.index: c for c in engine.generate([greedy(i, p, grammar=grammar, max_tokens=160)
+                                                    for i, p in enumerate(prompts[:6])])}
+        stats = dict(engine.stats)
+    finally:
+        engine.close()
+    for i, ref in enumerate(reference):
+        assert got[i].text == ref["choices"][0]["text"], (i, got[i].text, ref["choices"][0]["text"])
+        assert got[i].completion_tokens == ref["usage"]["completion_tokens"]
+        validate(got[i].text)
+    # the grammar was asked about the chosen token at each step (the rows' last is the end token), some refused
+    ended = sum(c.finish_reason == "stop" for c in got.values())
+    assert stats["grammar_samples"] == sum(c.completion_tokens for c in got.values()) + ended
+    assert 0 < stats["grammar_rejections"] < stats["grammar_samples"]

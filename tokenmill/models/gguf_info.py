@@ -138,6 +138,18 @@ class ModelInfo:
         return self.metadata.get("general.name") or self.path.stem
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 K and V cache one token takes in every layer (0 when the metadata lacks the sizes)."""
+        m, arch = self.metadata, self.architecture
+        try:
+            layers, heads = int(m[f"{arch}.block_count"]), int(m[f"{arch}.attention.head_count"])
+            kv_heads = int(m.get(f"{arch}.attention.head_count_kv") or heads)
+            head_dim = int(m.get(f"{arch}.attention.key_length") or int(m[f"{arch}.embedding_length"]) // heads)
+        except (KeyError, ValueError, ZeroDivisionError):
+            return 0
+        return 2 * layers * kv_heads * head_dim * 2
+
+    @property
     def n_ctx_train(self) -> int:
         return int(self.metadata.get(f"{self.architecture}.context_length", 0) or 0)
 

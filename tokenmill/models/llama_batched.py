@@ -112,11 +112,12 @@ class LlamaBatchedBackend:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._candidates = Candidates(self._vocab)  # grammar rows' sampling scratch (row_sampler.py)
+        self._filler = max(llama_cpp.llama_vocab_bos(self._vocab), 0)  # stand-in token (see _Run.fill_gaps)
         self._prefix: list[int] = []  # tokens sequence 0 should hold
         self._prefix_done = 0  # how many of them it holds now
         self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_s": 0.0, "generate_s": 0.0, "generate_calls": 0, "forced_tokens": 0,
-                      "jump_forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0, "idle_s": 0.0, "admit_s": 0.0,
+                      "jump_forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0, "run_s": 0.0, "idle_s": 0.0, "admit_s": 0.0,
                       "grammar_samples": 0, "grammar_rejections": 0}
         self.jump = JumpForward(self._vocab, self.stats) if settings.jump_forward else None
         self.max_forced = min(MAX_FORCED, self.n_batch // self.n_seq - 1)
@@ -205,7 +206,9 @@ class _Run:
         self.out: list[Completion] = []
 
     def loop(self) -> Iterator[Completion]:
+        base, t0 = self.e.stats["run_s"], time.perf_counter()
         while True:
+            self.e.stats["run_s"] = base + time.perf_counter() - t0  # time inside generate, for the breakdown
             self.admit()
             yield from self.flush()
             if not self.rows:
@@ -310,7 +313,7 @@ class _Run:
                 r.counted = 0
             e._prefix, e._prefix_done = (row.tokens[:shared] if mode == "replace" else []), 0
         row.shared = row.counted = shared
-        row.slot = self.free.pop()
+        row.slot = self.free.pop()  # the lowest: slots in use stay packed (see fill_gaps)
         row.t_admit = time.perf_counter()
         self.rows.append(row)
 
@@ -348,7 +351,7 @@ class _Run:
         takes another kernel path and rounds differently from the reference.
         """
         e = self.e
-        gen = [(r, 1 + len(r.forced)) for r in self.rows if r.next_token >= 0]
+        gen = sorted(((r, 1 + len(r.forced)) for r in self.rows if r.next_token >= 0), key=lambda rk: rk[0].slot)
         room = e.n_batch - sum(k for _r, k in gen)
         work = []
         k = _chunk(len(e._prefix) - e._prefix_done, room)
@@ -386,7 +389,10 @@ class _Run:
             n += k
         if not n:
             return
-        ret = e._decode(n)
+        gaps = self.fill_gaps(call, n) if not e.kv_unified else []
+        ret = e._decode(n + len(gaps))
+        for slot, pos in gaps:  # the stand-in tokens leave nothing behind
+            llama_cpp.llama_memory_seq_rm(e._mem, slot, pos, -1)
         if e.on_step is not None:
             e.on_step()  # the worker's heartbeat: long prompts are work, not a hang
         if ret != 0:
@@ -399,6 +405,26 @@ class _Run:
         e.stats["generate_s"] += e.last_decode_s * n_gen / n
         e.stats["prompt_s"] += e.last_decode_s * (n - n_gen) / n
         self.after_decode(plan)
+
+    def fill_gaps(self, call: list[tuple[_Row | None, int]], n: int) -> list[tuple[int, int]]:
+        """Isolated streams: llama.cpp cuts a batch into parts of consecutive sequence ids, so
+        generated tokens of slots 1, 2, 4 would take two passes over the weights where one does.
+        A stand-in token for each slot in such a gap (at the slot's next position, no logits)
+        keeps them one part; it is removed after the call. Returns the (slot, position) added."""
+        if not call or any(r is None or r.next_token < 0 for r, _k in call):
+            return []  # only the call of generated tokens
+        slots = {r.slot for r, _k in call}
+        if n + max(slots) - min(slots) + 1 - len(slots) > self.e.n_batch:
+            return []  # no room in the batch: llama.cpp will cut it
+        owner = {r.slot: r for r in self.rows}
+        gaps = []
+        for slot in range(min(slots) + 1, max(slots)):
+            if slot not in slots:
+                row = owner.get(slot)
+                pos = row.n_past if row is not None and row.started else 0
+                self.e._put(n + len(gaps), self.e._filler, pos, slot, False)
+                gaps.append((slot, pos))
+        return gaps
 
     def after_decode(self, plan) -> None:
         e, now = self.e, time.perf_counter()
@@ -470,6 +496,7 @@ class _Run:
             if self.e._ctx:  # the engine may have been closed under a suspended generator
                 llama_cpp.llama_memory_seq_rm(self.e._mem, row.slot, -1, -1)
             self.free.append(row.slot)
+            self.free.sort(reverse=True)
 
     def release_all(self) -> None:
         """Free what an interrupted run still holds (the prefix stays cached for the next run)."""

@@ -33,7 +33,9 @@ from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_com
 from tokenmill.usage import Prices, RunStats
 
 
-DEFAULT_SLOTS = 8  # rows decoded together when --n-seq is not given
+DEFAULT_SLOTS = 8  # rows decoded together when --n-seq is not given and the cache size is unknown
+MAX_DEFAULT_SLOTS = 16
+KV_BUDGET_BYTES = 2 << 30  # the KV cache the default slot count may take
 MAX_CHARS_PER_TOKEN = 64  # no real vocabulary averages longer tokens: a longer text cannot fit
 
 
@@ -193,10 +195,18 @@ class Job:
         stream of that size (isolated KV streams keep every row's text exact), so its context
         holds n_ctx x (slots + 1, the shared-prefix sequence)."""
         c = self.config
-        slots = c.n_seq or DEFAULT_SLOTS
+        slots = c.n_seq or self.default_slots()
         total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
         return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, n_threads=c.n_threads,
                              n_gpu_layers=c.n_gpu_layers, backend=c.backend)
+
+    def default_slots(self) -> int:
+        """Without --n-seq: as many slots (up to 16; more rows per step decode faster) as fit a
+        2 GiB KV cache at --n-ctx each, counting the shared-prefix stream."""
+        per_slot = self.model_info.kv_bytes_per_token * self.config.n_ctx
+        if not per_slot:
+            return DEFAULT_SLOTS
+        return max(1, min(MAX_DEFAULT_SLOTS, KV_BUDGET_BYTES // per_slot - 1))
 
     def _variables(self, row: dict, **extra) -> dict:
         variables = {**row, **self.task.variables, "text": row.get(self.table.column), "row": row,
@@ -330,7 +340,7 @@ class Job:
     def _generate(self, worker: ModelWorker, ledger: Ledger, cache: ResultCache | None, stats: RunStats,
                   emit: Callable[[dict], None], tick: Callable[[], None] = lambda: None) -> None:
         """Feed the worker the rows nobody has generated yet; reuse or fan out the rest."""
-        window = max(64, 4 * (self.config.n_seq or DEFAULT_SLOTS))  # more than the backend's slots, see pool.py
+        window = max(64, 4 * (self.config.n_seq or MAX_DEFAULT_SLOTS))  # more than the backend's slots, see pool.py
         waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
         plans: dict[str, Any] = {}  # row key -> its plan (tasks/plans.py), while calls are outstanding
         calls: dict[int, tuple[str, int]] = {}  # request index -> (row key, slot in its plan)
