@@ -217,11 +217,11 @@ def row_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timed(*argv: str) -> tuple[float, int, str]:
+def _timed(*argv: str, threads: int = 0) -> tuple[float, int, str]:
     import subprocess
 
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", *argv, "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", *argv, "--no-progress"] + (["--threads", str(threads)] if threads else []), cwd=REPO, capture_output=True, text=True)
     return time.perf_counter() - started, proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
 
 
@@ -245,7 +245,7 @@ def startup_bench(args: argparse.Namespace) -> int:
         ]
         walls = {}
         for name, argv in cases:
-            wall, code, last = _timed(*argv)
+            wall, code, last = _timed(*argv, threads=args.threads if argv[0] == "flows.summarize" else 0)
             walls[name] = wall
             print(f"  {name:<52} {wall:6.1f} s  exit {code}: {last[:150]}")
     if args.peers:
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="default 64 for summarize, 160 for extract")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-seq", type=int, default=0, help="slots (default: the flows' default)")
-    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: the flows' default)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads for the engine (default: all cores; the bench wants a quiet machine)")
     p.add_argument("--grammar-rows", type=int, default=48, help="extract: rows for grammar against free rows")
     p.add_argument("--peers", action="store_true",
                    help="also run ../shared/peers (llama-server, llama-batched-bench) in the same sitting")

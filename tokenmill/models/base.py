@@ -69,15 +69,15 @@ def default_threads() -> int:
 
     llama.cpp's threads wait for each other at every step, so one thread that shares its
     core with another program stalls them all: on a loaded 2-core machine 24 tokens took
-    1.7 s with 1 thread and 32 s with 2. So the cores minus the 1-minute load average
-    (rounded), at least 1.
+    1.7 s with 1 thread and 32 s with 2. So the cores minus the busy ones, judged from the
+    1-minute load average (a load under 0.75 counts as no busy core), at least 1.
     """
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except OSError:  # not available on this platform
         return cores
-    return max(1, min(cores, round(cores - load)))
+    return max(1, min(cores, cores - int(load + 0.25)))
 
 
 class Backend(Protocol):
