@@ -198,3 +198,19 @@ def test_truncation_reported_by_the_server_fails_the_row(server, prompts):
     assert exact.error is None and exact.prompt_tokens == count
     assert overstated.finish_reason == "error" and server.url in overstated.error
     assert f"read only {count} of the prompt's {count + 1}+ tokens" in overstated.error
+
+
+def test_server_model_info_counts_tokens_as_the_local_tokenizer_does(server, prompts):
+    """The ModelInfo stand-in a --model http://... run would count prompts with (server_info.py)."""
+    from tokenmill.models.server_info import ServerModelInfo
+
+    remote, local = ServerModelInfo(server.url), ModelInfo(default_model_path())
+    try:
+        assert remote.kind == "llama-cpp-python" and remote.has_tokenizer
+        assert [remote.count_tokens(p) for p in prompts] == [local.count_tokens(p) for p in prompts]
+        texts = [row["text"] for row in scitldr_rows(3)]
+        assert [remote.count_text_tokens(t) for t in texts] == [local.count_text_tokens(t) for t in texts]
+        assert remote.adds_bos == local.adds_bos
+        assert remote.name == remote.model and remote.model in _backend(server.url).device()
+    finally:
+        remote.close()
