@@ -1,0 +1,215 @@
+"""Models by reference: Ollama's store, llamafiles, GPT4All's folder, bare names, built around the
+real default model in temporary folders and run end to end through flows.summarize."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import assert_one_line_error
+from tokenmill.errors import ModelError
+from tokenmill.models import stores
+from tokenmill.models.gguf_header import read_header_file
+from tokenmill.models.resolve import default_model_path, resolve_model
+
+RESULT_COLUMNS = ["id", "status", "summary", "finish_reason", "prompt_tokens", "completion_tokens"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> Path:
+    """An Ollama store as `ollama pull` leaves it: blobs named by digest, one manifest per tag."""
+    blobs = root / "blobs"
+    blobs.mkdir(parents=True)
+    digest = _sha256(gguf)
+    shutil.copyfile(gguf, blobs / f"sha256-{digest}")
+    template = b"{{ .Prompt }}"
+    template_digest = hashlib.sha256(template).hexdigest()
+    (blobs / f"sha256-{template_digest}").write_bytes(template)
+    config = b'{"model_format":"gguf","model_family":"llama"}'
+    config_digest = hashlib.sha256(config).hexdigest()
+    (blobs / f"sha256-{config_digest}").write_bytes(config)
+    manifest = {
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "digest": f"sha256:{config_digest}", "size": len(config)},
+        "layers": [
+            {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}",
+             "size": gguf.stat().st_size},
+            {"mediaType": "application/vnd.ollama.image.template", "digest": f"sha256:{template_digest}",
+             "size": len(template)},
+        ],
+    }
+    folder = root / "manifests" / "registry.ollama.ai" / "library" / name
+    folder.mkdir(parents=True)
+    (folder / tag).write_text(json.dumps(manifest))
+    return blobs / f"sha256-{digest}"
+
+
+def build_llamafile(path: Path, gguf: Path, align: int = 4096) -> int:
+    """A llamafile's layout: an executable prefix, then a zip whose GGUF entry is stored
+    uncompressed and starts on an `align` boundary. Returns the entry's data offset."""
+    prefix = b"#!/bin/sh\necho 'a llamafile stand-in'\nexit 1\n"
+    inner = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with path.open("wb") as fh:
+        fh.write(prefix)
+        with zipfile.ZipFile(fh, "w") as zf:
+            zf.writestr("args", "-m\nSmolLM2-135M-Instruct.Q4_1.gguf\n")
+            info = zipfile.ZipInfo(inner, date_time=(2024, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            start = fh.tell() + 30 + len(inner)
+            pad = (-(start + 4)) % align  # the extra field pads the data to the boundary
+            info.extra = struct.pack("<HH", 0xCAFE, pad) + b"\0" * pad
+            with zf.open(info, "w") as out, gguf.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+    return stores.llamafile_entry(path).offset
+
+
+@pytest.fixture(scope="module")
+def model_homes(tmp_path_factory):
+    """Ollama's store, GPT4All's folder and a llamafile folder, each around the default model."""
+    gguf = default_model_path()
+    base = tmp_path_factory.mktemp("stores")
+    blob = build_ollama_store(base / "ollama", gguf)
+    (base / "gpt4all").mkdir()
+    shutil.copyfile(gguf, base / "gpt4all" / gguf.name)
+    (base / "llamafiles").mkdir()
+    offset = build_llamafile(base / "llamafiles" / "smollm2.llamafile", gguf)
+    return {"gguf": gguf, "base": base, "blob": blob, "offset": offset,
+            "llamafile": base / "llamafiles" / "smollm2.llamafile", "cache": base / "cache"}
+
+
+@pytest.fixture
+def homes(model_homes, monkeypatch):
+    base = model_homes["base"]
+    monkeypatch.setenv("OLLAMA_MODELS", str(base / "ollama"))
+    monkeypatch.setenv("GPT4ALL_MODEL_PATH", str(base / "gpt4all"))
+    monkeypatch.setenv("TOKENMILL_LLAMAFILE_DIR", str(base / "llamafiles"))
+    monkeypatch.setenv("HOME", str(base / "home"))  # the default store locations are empty
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(model_homes["cache"]))
+    return model_homes
+
+
+def test_ollama_name_resolves_to_its_blob(homes):
+    assert resolve_model("ollama:smollm2:135m") == homes["blob"]
+    assert resolve_model("ollama:registry.ollama.ai/library/smollm2:135m") == homes["blob"]
+    assert _sha256(resolve_model("ollama:smollm2:135m")) == _sha256(homes["gguf"])
+
+
+def test_ollama_missing_tag_lists_the_manifests_looked_for(homes):
+    with pytest.raises(ModelError) as err:
+        resolve_model("ollama:smollm2")  # tag "latest" was never pulled
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(homes["base"] / "ollama" / "manifests/registry.ollama.ai/library/smollm2/latest") in message
+    assert "/usr/share/ollama/.ollama/models/manifests" in message
+
+
+def test_ollama_blob_that_does_not_match_its_digest_is_refused(homes, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    blob = build_ollama_store(store, homes["gguf"])
+    with blob.open("r+b") as fh:  # same size, one byte changed
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 1]))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    with pytest.raises(ModelError, match="does not match its SHA-256"):
+        resolve_model("ollama:smollm2:135m")
+
+
+def test_llamafile_gguf_is_read_at_its_aligned_offset_and_extracted_once(homes):
+    entry = stores.llamafile_entry(homes["llamafile"])
+    assert entry.stored and entry.offset == homes["offset"] and entry.offset % 4096 == 0
+    assert entry.size == homes["gguf"].stat().st_size
+    header = read_header_file(homes["llamafile"], entry.offset)  # metadata without extracting
+    assert header.architecture == "llama" and header.quantization == "Q4_1"
+    first = resolve_model(str(homes["llamafile"]))
+    assert first.parent == homes["cache"] / "llamafile" and _sha256(first) == _sha256(homes["gguf"])
+    mtime = first.stat().st_mtime_ns
+    assert resolve_model(str(homes["llamafile"])) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left over
+
+
+def test_bare_names_are_found_in_each_store(homes):
+    assert resolve_model("smollm2:135m") == homes["blob"]
+    assert resolve_model(homes["gguf"].name.removesuffix(".gguf")) == (homes["base"] / "gpt4all" / homes["gguf"].name)
+    assert resolve_model("smollm2").parent == homes["cache"] / "llamafile"  # smollm2.llamafile
+    assert resolve_model(f"gpt4all:{homes['gguf'].name}") == homes["base"] / "gpt4all" / homes["gguf"].name
+
+
+def test_unknown_name_lists_every_place_looked(homes):
+    with pytest.raises(ModelError) as err:
+        resolve_model("no-such-model")
+    message = str(err.value)
+    for place in ("manifests/registry.ollama.ai/library/no-such-model/latest", str(homes["base"] / "gpt4all"),
+                  str(homes["base"] / "llamafiles"), "/usr/share/ollama"):
+        assert place in message, message
+    with pytest.raises(ModelError, match="GPT4All's model folder.*looked for"):
+        resolve_model("gpt4all:missing.gguf")
+
+
+def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
+    bad = tmp_path / "empty.llamafile"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("args", "")
+    with pytest.raises(ModelError, match=r"empty\.llamafile must hold exactly one \.gguf entry"):
+        resolve_model(str(bad))
+
+
+def _summarize(run_flow, data, out, *extra, timeout: float = 600):
+    result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "48", "--no-cache", *extra,
+                      timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(out / "results.parquet")
+    assert df.height == 10 and df["status"].to_list() == ["ok"] * 10, df["error"].to_list()
+    return df
+
+
+@pytest.fixture(scope="module")
+def direct(run_flow, scitldr_parquet, tmp_path_factory):
+    """The 10 rows through llama.cpp in-process on the default model, as the reference."""
+    return _summarize(run_flow, scitldr_parquet, tmp_path_factory.mktemp("direct") / "out")
+
+
+def _same_shape(df, direct) -> None:
+    assert df.columns == direct.columns
+    assert df.select(RESULT_COLUMNS).schema == direct.select(RESULT_COLUMNS).schema
+    assert all(s and s.strip() for s in df["summary"].to_list())
+    assert df["prompt_tokens"].to_list() == direct["prompt_tokens"].to_list()
+
+
+def test_the_same_rows_through_ollamas_store_and_a_llamafile(homes, run_flow, scitldr_parquet, tmp_path, direct):
+    """Ollama's store and a llamafile, run by llama.cpp in-process: same columns, every row ok;
+    the same bytes through the same engine give the same summaries."""
+    ollama = _summarize(run_flow, scitldr_parquet, tmp_path / "ollama", "--model", "ollama:smollm2:135m")
+    llamafile = _summarize(run_flow, scitldr_parquet, tmp_path / "llamafile", "--model", str(homes["llamafile"]))
+    for df in (ollama, llamafile):
+        _same_shape(df, direct)
+        assert df["summary"].to_list() == direct["summary"].to_list()
+
+
+def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_parquet, tmp_path, direct):
+    """gpt4all:FILE run by GPT4All's own llama.cpp (one row at a time: slow on a busy machine)."""
+    gpt4all = _summarize(run_flow, scitldr_parquet, tmp_path / "gpt4all", "--model",
+                         f"gpt4all:{homes['gguf'].name}", "--backend", "gpt4all", timeout=1800)
+    _same_shape(gpt4all, direct)
+
+
+def test_unknown_model_on_the_command_line_is_one_line(homes, run_flow, scitldr_parquet, tmp_path):
+    result = run_flow("summarize", str(scitldr_parquet), "--out", str(tmp_path / "o"), "--model", "ollama:nope:1b")
+    assert_one_line_error(result, "ollama:nope:1b", "manifests/registry.ollama.ai/library/nope/1b")
+    assert not (tmp_path / "o" / "results.parquet").exists()

@@ -1,0 +1,128 @@
+"""What the row jobs need to know about a model behind an OpenAI-compatible server, asked of
+the server itself: the ModelInfo stand-in for `--model http://...` (see README, "OpenAI-compatible
+servers").
+
+The runner uses ModelInfo for four things: counting a prompt's tokens (does it fit --n-ctx?),
+the chat template and its BOS/EOS, the model's name, and metadata for the prompt family. A local
+GGUF answers all four; a server answers what its API exposes:
+
+- llama-server and llamafile: `/props` (chat template, BOS/EOS text, context size) and
+  `/tokenize` (with and without special tokens) - everything, as exact as in-process;
+- llama-cpp-python's server: `/extras/tokenize` (BOS added, special tokens parsed);
+- Ollama, vLLM, LM Studio and others: no tokenizer tokenmill can rely on; `has_tokenizer` is
+  False and the runner must send `messages` (the server applies its own template) and judge fit
+  from the server's reported usage (see HTTPRequest.expected_prompt_tokens and the truncation check).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tokenmill.errors import ModelError
+from tokenmill.models.openai_http import parse_url
+
+
+class ServerModelInfo:
+    """The subset of ModelInfo's interface a server can answer; `has_tokenizer` tells the rest."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        self.path = url
+        self.base, self.root, model = parse_url(url)
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        try:
+            listed = self._client.get(f"{self.base}/models")
+        except httpx.HTTPError as exc:
+            reason = "connection refused" if "refused" in str(exc) or "111" in str(exc) else str(exc)
+            raise ModelError(f"cannot reach the model server {url}: {reason} (is it running?)") from None
+        if listed.status_code != 200:
+            raise ModelError(f"the model server {url} answered GET {self.base}/models with HTTP {listed.status_code}")
+        ids = [m.get("id") for m in (listed.json().get("data") or []) if isinstance(m, dict)]
+        self.model = model or (ids[0] if ids else "default")
+        self.props: dict[str, Any] = self._json("GET", f"{self.root}/props") or {}
+        self.kind = "llama-server" if self.props else "other"
+        if self.kind == "other" and self._tokens_llama_cpp_python("x") is not None:
+            self.kind = "llama-cpp-python"
+        self.metadata: dict[str, str] = {"general.name": self.model}
+        if self.props.get("chat_template"):
+            self.metadata["tokenizer.chat_template"] = str(self.props["chat_template"])
+
+    def _json(self, method: str, url: str, body: dict | None = None) -> Any:
+        try:
+            response = self._client.request(method, url, json=body)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def _tokens_llama_cpp_python(self, text: str) -> list[int] | None:
+        reply = self._json("POST", f"{self.root}/extras/tokenize", {"input": text, "model": self.model})
+        return reply.get("tokens") if isinstance(reply, dict) else None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.kind in ("llama-server", "llama-cpp-python")
+
+    def _require_tokenizer(self) -> None:
+        if not self.has_tokenizer:
+            raise ModelError(f"the model server {self.path} has no tokenize endpoint tokenmill knows; "
+                             "its prompts are sent as messages and counted from its usage")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens as the server feeds its model: BOS added when the model wants one, special tokens parsed."""
+        self._require_tokenizer()
+        if self.kind == "llama-server":
+            reply = self._json("POST", f"{self.root}/tokenize",
+                               {"content": text, "add_special": True, "parse_special": True})
+            tokens = reply.get("tokens") if isinstance(reply, dict) else None
+        else:
+            tokens = self._tokens_llama_cpp_python(text)
+        if tokens is None:
+            raise ModelError(f"the model server {self.path} did not tokenize a prompt")
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def count_text_tokens(self, text: str) -> int:
+        """Plain text inside a prompt: no BOS (special-token names count as ordinary text where the
+        server can say so; llama-cpp-python's server always parses them)."""
+        self._require_tokenizer()
+        if self.kind == "llama-server":
+            reply = self._json("POST", f"{self.root}/tokenize",
+                               {"content": text, "add_special": False, "parse_special": False})
+            if isinstance(reply, dict) and "tokens" in reply:
+                return len(reply["tokens"])
+        return max(0, len(self.tokenize(text)) - len(self.tokenize("")))
+
+    @property
+    def bos_token(self) -> str:
+        return str(self.props.get("bos_token") or "")
+
+    @property
+    def eos_token(self) -> str:
+        return str(self.props.get("eos_token") or "")
+
+    @property
+    def adds_bos(self) -> bool:
+        return self.has_tokenizer and len(self.tokenize("")) > 0
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def architecture(self) -> str:
+        return "unknown"
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    @property
+    def n_ctx_train(self) -> int:
+        settings = self.props.get("default_generation_settings") or {}
+        return int(settings.get("n_ctx") or self.props.get("n_ctx") or 0)
+
+    def close(self) -> None:
+        self._client.close()
