@@ -83,8 +83,8 @@ class Spec(_Strict):
     checkpoint_every: int = Field(default=1, ge=1)  # agents.parquet holds every agent's state every N steps
 
     def identity(self) -> str:
-        """Hash of what shapes the story (everything but `steps`): a run continues only under the same one."""
-        data = self.model_dump(mode="json", exclude={"steps"})
+        """Hash of what shapes the story (all but `steps` and the context size): a run continues only under the same one."""
+        data = self.model_dump(mode="json", exclude={"steps": True, "model": {"n_ctx"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def agent(self, name: str) -> Agent:

@@ -21,19 +21,27 @@ def step_seed(seed: int, *parts) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def action_schema(spec: Spec) -> dict:
-    """JSON Schema of one action; targets are the spec's agents and places, so a reply cannot name others."""
-    return {
-        "type": "object",
-        "properties": {
-            "action": {"type": "string", "enum": list(ACTIONS), "description": "say, move, do or wait"},
-            "target": {"type": "string", "enum": [a.name for a in spec.agents] + [loc.name for loc in spec.locations] + [NONE],
-                       "description": "whom you speak to, where you go, or none"},
-            "content": {"type": "string", "maxLength": spec.memory.max_chars, "description": "what you say or do"},
-            "importance": {"type": "integer", "enum": IMPORTANCE, "description": "how much it matters, 1-10"},
-        },
-        "required": ["action", "target", "content", "importance"],
-    }
+def action_schema(spec: Spec, here: str, present: list[str]) -> dict:
+    """JSON Schema of one agent's action at one step: one alternative per action, each allowing only
+    targets that make sense now (a person here to speak to, another place to go), so every reply
+    the grammar lets through is an action the world can apply."""
+    importance = {"type": "integer", "enum": IMPORTANCE, "description": "how much it matters, 1-10"}
+    text = {"type": "string", "maxLength": spec.memory.max_chars}
+
+    def option(action: str, targets: list[str], content: dict) -> dict:
+        return {"type": "object", "properties": {"action": {"type": "string", "enum": [action]},
+                                                 "target": {"type": "string", "enum": targets},
+                                                 "content": content, "importance": importance},
+                "required": ["action", "target", "content", "importance"]}
+
+    others = [loc.name for loc in spec.locations if loc.name != here]
+    options = ([option("say", list(present), text)] if present else []) + (
+        [option("move", others, text)] if others else []) + [
+        option("do", [NONE], text), option("wait", [NONE], {"type": "string", "enum": [""]})]
+    return {"type": "object",
+            "properties": {"action": {"type": "string", "enum": list(ACTIONS)}, "target": {"type": "string"},
+                           "content": {"type": "string"}, "importance": importance},
+            "required": ["action", "target", "content", "importance"], "anyOf": options}
 
 
 def reflection_schema(spec: Spec) -> dict:
