@@ -68,6 +68,7 @@ class AgentPrompts:
         when = world.time_of(step).strftime("%A %H:%M")
         text = self.user_text(name, purpose, when, world.where[name], world.present(name),
                               [x.text[:m.max_chars] for x in memories], observation)
+        self.last_text = text  # the user message, before the chat template (flows.bench_simulate replays it)
         return self.wrap(text)
 
 

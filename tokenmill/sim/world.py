@@ -48,7 +48,7 @@ def reflection_schema(spec: Spec) -> dict:
     return {
         "type": "object",
         "properties": {
-            "insights": {"type": "array", "items": {"type": "string", "maxLength": spec.memory.max_chars},
+            "insights": {"type": "array", "items": {"type": "string", "minLength": 12, "maxLength": spec.memory.max_chars},
                          "minItems": 1, "maxItems": spec.memory.insights},
             "importance": {"type": "integer", "enum": IMPORTANCE},
         },
