@@ -218,7 +218,7 @@ class Simulation:
             index=self._next_index, prompt=prompt,
             max_tokens=s.max_tokens if purpose == "act" else s.reflect_max_tokens,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-            seed=step_seed(self.spec.seed, agent, step, purpose),
+            seed=step_seed(self.spec.seed, agent, step, purpose), session=f"{self.spec.name}/{agent}",
             grammar=self.act_rules(agent)[0] if purpose == "act" else self.reflect_grammar)
         if self.on_prompt is not None:
             self.on_prompt(step, agent, purpose, req)
