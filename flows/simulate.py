@@ -132,8 +132,9 @@ def main(args: argparse.Namespace) -> int:
     effective_spec(config)  # a bad spec fails here, on one line, before Prefect or any model starts
     if args.show_prompt:
         sim = Simulation(config)
-        print(sim.show_prompt())
-        print(f"({sim.info.count_tokens(sim.show_prompt())} tokens; family {sim.prompts.family}; "
+        prompt = sim.show_prompt()
+        print(prompt)
+        print(f"({sim.info.count_tokens(prompt)} tokens; family {sim.prompts.family}; "
               f"template {sim.prompts.template.name}; {sim.prompts.chat.name})", file=sys.stderr)
         return EXIT_OK
     result = simulate_flow(config, progress=not args.no_progress)

@@ -28,7 +28,7 @@ def _small_spec(path: Path, edit=None) -> Path:
     data["agents"] = data["agents"][:4]
     data["steps"] = STEPS
     data["sampling"].update(temperature=0.8, max_tokens=64, reflect_max_tokens=48)  # sampled, not greedy
-    data["memory"].update(max_chars=60, reflect_every=3)
+    data["memory"].update(max_chars=60, reflect_every=3, insights=1)
     data["model"]["n_ctx"] = 1024
     if edit:
         edit(data)
@@ -45,7 +45,7 @@ def spec4(tmp_path_factory) -> Path:
 def run_a(run_flow, spec4, tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "a"
     result = run_flow("simulate", str(spec4), "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode in (0, 3), result.stderr  # 3: a reply was cut at max_tokens (checked below)
     return out
 
 
@@ -70,7 +70,7 @@ def run_b(prefect_server, spec4, tmp_path_factory):
     proc.wait(30)
     killed_at = sorted(p.name for p in (out / "steps").iterdir())
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.returncode in (0, 3), rerun.stderr
     return out, killed_at
 
 
@@ -92,6 +92,7 @@ def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
         assert e["importance"] == json.loads(raw)["importance"]
     reflect = calls.filter(pl.col("purpose") == "reflect")
     assert sorted(set(reflect["step"])) == [3, 6] and reflect.height == 8
+    assert all("cut at max_tokens" in e for e in reflect["error"].drop_nulls())  # the only failure allowed
     memories = pl.read_parquet(run_a / "memories.parquet")
     assert set(memories["kind"]) == {"initial", "observation", "reflection"}
     assert memories.filter(pl.col("kind") == "observation").group_by("step").len().height == STEPS
@@ -224,10 +225,11 @@ def test_the_shipped_spec_and_template_keep_the_stable_part_first():
 def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, run_flow, spec4):
     before = pl.read_parquet(run_a / "events.parquet")
     again = run_flow("simulate", str(spec4), "--out", str(run_a))
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 0, again.stderr  # nothing ran, so nothing failed
+    assert "nothing to run" in again.stderr
     assert pl.read_parquet(run_a / "events.parquet").equals(before)
     more = run_flow("simulate", str(spec4), "--out", str(run_a), "--steps", str(STEPS + 1))
-    assert more.returncode == 0, more.stderr
+    assert more.returncode in (0, 3), more.stderr
     after = pl.read_parquet(run_a / "events.parquet")
     assert after.filter(pl.col("step") <= STEPS).equals(before)
     assert after.filter(pl.col("step") == STEPS + 1).height == 4
