@@ -20,6 +20,7 @@ from tests.conftest import REPO, assert_one_line_error
 
 SPEC = REPO / "jobs" / "harbor.yaml"
 STEPS = 6
+LONG = 1800  # seconds a model run may take on a busy 2-core machine
 
 
 def _small_spec(path: Path, edit=None) -> Path:
@@ -44,7 +45,7 @@ def spec4(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_a(run_flow, spec4, tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "a"
-    result = run_flow("simulate", str(spec4), "--out", str(out))
+    result = run_flow("simulate", str(spec4), "--out", str(out), timeout=LONG)
     assert result.returncode in (0, 3), result.stderr  # 3: a reply was cut at max_tokens (checked below)
     return out
 
@@ -61,7 +62,7 @@ def run_b(prefect_server, spec4, tmp_path_factory):
     cmd = [sys.executable, "-m", "flows.simulate", str(spec4), "--out", str(out), "--no-progress"]
     env = _env(prefect_server, tmp_path_factory.mktemp("cache"))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + LONG
     while not (out / "steps" / "000003").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "step 3 never committed"
@@ -69,7 +70,7 @@ def run_b(prefect_server, spec4, tmp_path_factory):
     os.kill(proc.pid, signal.SIGKILL)  # step 4 has just started: its model calls are in flight
     proc.wait(30)
     killed_at = sorted(p.name for p in (out / "steps").iterdir())
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LONG)
     assert rerun.returncode in (0, 3), rerun.stderr
     return out, killed_at
 
@@ -153,7 +154,7 @@ def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_f
         data["agents"][1]["persona"] = "a fisherman. " + "He talks about fish all day long. " * 200
     spec = _small_spec(tmp_path / "whatif.yaml", edit)
     out = tmp_path / "fork"
-    result = run_flow("simulate", str(spec), "--fork-from", "3", "--from", str(run_a), "--out", str(out))
+    result = run_flow("simulate", str(spec), "--fork-from", "3", "--from", str(run_a), "--out", str(out), timeout=LONG)
     assert result.returncode == 3, result.stderr  # finished, with failed calls
     original, fork = pl.read_parquet(run_a / "events.parquet"), pl.read_parquet(out / "events.parquet")
     assert fork.filter(pl.col("step") <= 3).equals(original.filter(pl.col("step") <= 3))
@@ -228,7 +229,7 @@ def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, r
     assert again.returncode == 0, again.stderr  # nothing ran, so nothing failed
     assert "nothing to run" in again.stderr
     assert pl.read_parquet(run_a / "events.parquet").equals(before)
-    more = run_flow("simulate", str(spec4), "--out", str(run_a), "--steps", str(STEPS + 1))
+    more = run_flow("simulate", str(spec4), "--out", str(run_a), "--steps", str(STEPS + 1), timeout=LONG)
     assert more.returncode in (0, 3), more.stderr
     after = pl.read_parquet(run_a / "events.parquet")
     assert after.filter(pl.col("step") <= STEPS).equals(before)
