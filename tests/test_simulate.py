@@ -28,7 +28,7 @@ def _small_spec(path: Path, edit=None) -> Path:
     data = yaml.safe_load(SPEC.read_text())
     data["agents"] = data["agents"][:4]
     data["steps"] = STEPS
-    data["sampling"].update(temperature=0.8, max_tokens=64, reflect_max_tokens=48)  # sampled, not greedy
+    data["sampling"].update(temperature=0.8, max_tokens=100, reflect_max_tokens=90)  # sampled, not greedy
     data["memory"].update(max_chars=60, reflect_every=3, insights=1)
     data["model"]["n_ctx"] = 1024
     if edit:
