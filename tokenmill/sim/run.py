@@ -262,7 +262,7 @@ class Simulation:
         for name in self.world.names:
             value, error = self._parsed(completions[name], self.act_rules(name)[1])
             calls.append(self._call_row(step, name, "act", requests[name], completions[name], error))
-            actions[name] = parse_action(name, value) if value else Action.waiting(name, f"error: {error}")
+            actions[name] = parse_action(name, value, self.spec.memory.max_chars) if value else Action.waiting(name, f"error: {error}")
         events = self.world.apply(step, actions)
         new_memories = []
         for event in events:
@@ -276,7 +276,7 @@ class Simulation:
                 value, error = self._parsed(completions[name], self.validate_reflect)
                 calls.append(self._call_row(step, name, "reflect", requests[name], completions[name], error))
                 for insight in (value or {}).get("insights", [])[: self.spec.memory.insights]:
-                    insight = " ".join(str(insight).split())
+                    insight = " ".join(str(insight).split())[: self.spec.memory.max_chars]
                     if insight:
                         new_memories.append(self.streams[name].add(step, REFLECTION, insight, value["importance"]))
         by_agent = {e["agent"]: e for e in events}

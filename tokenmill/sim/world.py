@@ -26,7 +26,10 @@ def action_schema(spec: Spec, here: str, present: list[str]) -> dict:
     targets that make sense now (a person here to speak to, another place to go), so every reply
     the grammar lets through is an action the world can apply."""
     importance = {"type": "integer", "enum": IMPORTANCE, "description": "how much it matters, 1-10"}
-    text = {"type": "string", "maxLength": spec.memory.max_chars}
+    # No maxLength: the converter spells it as max_chars nested optionals, and llama.cpp's grammar
+    # stacks over such a rule made one 36-token reply take minutes on 2 cores. Length is bounded by
+    # max_tokens instead, and content is cut to memory.max_chars when applied.
+    text = {"type": "string"}
 
     def option(action: str, targets: list[str], content: dict) -> dict:
         return {"type": "object", "properties": {"action": {"type": "string", "enum": [action]},
@@ -48,7 +51,7 @@ def reflection_schema(spec: Spec) -> dict:
     return {
         "type": "object",
         "properties": {
-            "insights": {"type": "array", "items": {"type": "string", "minLength": 12, "maxLength": spec.memory.max_chars},
+            "insights": {"type": "array", "items": {"type": "string", "minLength": 12},
                          "minItems": 1, "maxItems": spec.memory.insights},
             "importance": {"type": "integer", "enum": IMPORTANCE},
         },
@@ -70,10 +73,10 @@ class Action:
         return cls(agent, "wait", None, "", 1, reason)
 
 
-def parse_action(agent: str, value: dict) -> Action:
+def parse_action(agent: str, value: dict, max_chars: int = 1000) -> Action:
     target = value.get("target")
     return Action(agent, value["action"], None if target in (None, NONE) else target,
-                  " ".join(str(value.get("content") or "").split()), int(value.get("importance") or 1))
+                  " ".join(str(value.get("content") or "").split())[:max_chars], int(value.get("importance") or 1))
 
 
 class World:
