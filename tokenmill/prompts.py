@@ -29,7 +29,9 @@ STANDARD_VARIABLES = {"text", "row", "max_words"}
 TASK_VARIABLES: dict[str, set[str]] = {
     "summarize": set(),
     "extract": {"schema", "fields"},
-    "simulate": {"agent", "memory", "observation"},
+    # flows.simulate also passes the world and the agent's state; the shipped templates treat those as optional
+    "simulate": {"agent", "memory", "observation", "world", "persona", "goals", "now", "location", "present",
+                 "purpose"},
     "reduce": {"summaries"},
     "repair": {"error", "output"},
 }

@@ -29,6 +29,11 @@ class GenerationRequest:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None  # GBNF text constraining this row only
+    # Requests that continue one another (one agent of a simulation, step after step) share a
+    # session key. An engine may keep a finished request's KV cells in its slot and seat the next
+    # request of the session there, decoding only what follows the tokens it still holds. None:
+    # no affinity. Engines that do not retain KV across requests ignore it.
+    session: str | None = None
 
 
 @dataclass

@@ -1,0 +1,238 @@
+"""flows.simulate on the real default model with a real Prefect server: 4 agents x 6 steps, a kill -9
+mid-step and a rerun, reproducibility, a fork, a failing agent, bad specs; plus the prompt's stable prefix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import REPO, assert_one_line_error
+
+SPEC = REPO / "jobs" / "harbor.yaml"
+STEPS = 6
+LONG = 1800  # seconds a model run may take on a busy 2-core machine
+
+
+def _small_spec(path: Path, edit=None) -> Path:
+    """The shipped spec cut to 4 agents and short replies, so a step takes seconds on 2 cores."""
+    data = yaml.safe_load(SPEC.read_text())
+    data["agents"] = data["agents"][:4]
+    data["steps"] = STEPS
+    data["sampling"].update(temperature=0.8, max_tokens=100, reflect_max_tokens=90)  # sampled, not greedy
+    data["memory"].update(max_chars=60, reflect_every=3, insights=1)
+    data["model"]["n_ctx"] = 1024
+    if edit:
+        edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec4(tmp_path_factory) -> Path:
+    return _small_spec(tmp_path_factory.mktemp("spec") / "harbor4.yaml")
+
+
+@pytest.fixture(scope="module")
+def run_a(run_flow, spec4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "a"
+    result = run_flow("simulate", str(spec4), "--out", str(out), timeout=LONG)
+    assert result.returncode in (0, 3), result.stderr  # 3: a reply was cut at max_tokens (checked below)
+    return out
+
+
+def _env(prefect_server, cache: Path) -> dict:
+    return {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"],
+            "TOKENMILL_CACHE_DIR": str(cache)}
+
+
+@pytest.fixture(scope="module")
+def run_b(prefect_server, spec4, tmp_path_factory):
+    """The same spec and seed again, killed with SIGKILL during step 4, then the same command once more."""
+    out = tmp_path_factory.mktemp("sim") / "b"
+    cmd = [sys.executable, "-m", "flows.simulate", str(spec4), "--out", str(out), "--no-progress"]
+    env = _env(prefect_server, tmp_path_factory.mktemp("cache"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + LONG
+    while not (out / "steps" / "000003").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "step 3 never committed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # step 4 has just started: its model calls are in flight
+    proc.wait(30)
+    killed_at = sorted(p.name for p in (out / "steps").iterdir())
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LONG)
+    assert rerun.returncode in (0, 3), rerun.stderr
+    return out, killed_at
+
+
+def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
+    events = pl.read_parquet(run_a / "events.parquet")
+    agents = [a["name"] for a in yaml.safe_load(SPEC.read_text())["agents"][:4]]
+    assert sorted(zip(events["step"], events["agent"])) == sorted((s, a) for s in range(1, STEPS + 1) for a in agents)
+    assert set(events["action"]) <= {"say", "move", "do", "wait"}
+    calls = pl.read_parquet(run_a / "llm_calls.parquet")
+    act = calls.filter(pl.col("purpose") == "act")
+    assert act.height == 4 * STEPS
+    assert act["status"].to_list() == ["ok"] * act.height, act.filter(pl.col("status") != "ok")["error"].to_list()
+    for raw in act["raw_output"]:
+        value = json.loads(raw)
+        assert set(value) == {"action", "target", "content", "importance"} and 1 <= value["importance"] <= 10
+    # an event is the parsed action, applied: its importance is the reply's
+    for e, raw in zip(events.sort("step", "agent").iter_rows(named=True),
+                      act.sort("step", "agent")["raw_output"]):
+        assert e["importance"] == json.loads(raw)["importance"]
+    reflect = calls.filter(pl.col("purpose") == "reflect")
+    assert sorted(set(reflect["step"])) == [3, 6] and reflect.height == 8
+    assert all("cut at max_tokens" in e for e in reflect["error"].drop_nulls())  # the only failure allowed
+    memories = pl.read_parquet(run_a / "memories.parquet")
+    assert set(memories["kind"]) == {"initial", "observation", "reflection"}
+    assert memories.filter(pl.col("kind") == "observation").group_by("step").len().height == STEPS
+    assert memories.select("agent", "index").is_unique().all()
+    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4, 6]  # checkpoint_every: 2
+    usage = pl.read_parquet(run_a / "usage.parquet")
+    assert usage.height == 1 and usage["steps_committed"][0] == STEPS and usage["calls"][0] == calls.height
+    text = (run_a / "transcript.md").read_text()
+    assert "## Step 1:" in text and "## Step 6:" in text and "Reflections:" in text
+
+
+def test_the_stable_prefix_stays_in_the_engine_cache_across_steps(run_a):
+    calls = pl.read_parquet(run_a / "llm_calls.parquet").filter(pl.col("purpose") == "act")
+    later = calls.filter(pl.col("step") >= 2)
+    # rules, scenario, places and people (~280 tokens) are shared by every call of the run
+    assert (later["cached_tokens"] >= 200).all(), later.select("step", "agent", "cached_tokens")
+    per_step = later.group_by("step").agg((pl.col("prompt_tokens") - pl.col("cached_tokens")).sum().alias("evaluated"))
+    assert per_step["evaluated"].max() < later.group_by("step").agg(pl.col("prompt_tokens").sum())["prompt_tokens"].min()
+
+
+def test_prefect_recorded_a_task_run_per_step(run_a, prefect_server):
+    request = urllib.request.Request(f"{prefect_server['url']}/task_runs/filter", method="POST",
+                                     data=json.dumps({"limit": 200}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        names = {run["name"] for run in json.load(response)}
+    assert {f"step-{s}" for s in range(1, STEPS + 1)} <= names
+
+
+def test_kill_during_step_4_then_rerun_commits_each_step_exactly_once(run_b):
+    out, killed_at = run_b
+    assert killed_at == ["000000", "000001", "000002", "000003"]  # the kill landed in step 4
+    events = pl.read_parquet(out / "events.parquet")
+    assert events.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
+    assert events.select("step", "agent").is_unique().all()
+    calls = pl.read_parquet(out / "llm_calls.parquet")
+    assert calls.select("step", "agent", "purpose").is_unique().all()
+    assert sorted(set(calls["step"])) == list(range(1, STEPS + 1)) and calls.height == 4 * STEPS + 8
+    memories = pl.read_parquet(out / "memories.parquet")
+    assert memories.select("agent", "index").is_unique().all()
+    assert sorted(set(memories["step"])) == list(range(0, STEPS + 1))
+    usage = pl.read_parquet(out / "usage.parquet")  # only the rerun finished; it ran steps 4-6
+    assert usage.height == 1 and usage["steps_run"][0] == 3
+
+
+def test_same_spec_and_seed_give_identical_events(run_a, run_b):
+    """Sampled at temperature 0.8, with run B killed and resumed in a fresh model worker."""
+    a = pl.read_parquet(run_a / "events.parquet")
+    b = pl.read_parquet(run_b[0] / "events.parquet")
+    assert a.equals(b)
+    assert pl.read_parquet(run_a / "memories.parquet").equals(pl.read_parquet(run_b[0] / "memories.parquet"))
+
+
+def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_flow, tmp_path):
+    """The what-if spec edits Mara's persona and gives Tomas a persona too long for the context:
+    from step 4 on Mara acts on her new persona, and Tomas's calls fail, so he waits, with the reason."""
+    def edit(data):
+        data["agents"][0]["persona"] = "the harbor master, who secretly took the crates herself and now fears that Pim saw her on the dock at night"
+        data["agents"][1]["persona"] = "a fisherman. " + "He talks about fish all day long. " * 200
+    spec = _small_spec(tmp_path / "whatif.yaml", edit)
+    out = tmp_path / "fork"
+    result = run_flow("simulate", str(spec), "--fork-from", "3", "--from", str(run_a), "--out", str(out), timeout=LONG)
+    assert result.returncode == 3, result.stderr  # finished, with failed calls
+    original, fork = pl.read_parquet(run_a / "events.parquet"), pl.read_parquet(out / "events.parquet")
+    assert fork.filter(pl.col("step") <= 3).equals(original.filter(pl.col("step") <= 3))
+    assert fork.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
+    tomas = fork.filter((pl.col("agent") == "Tomas") & (pl.col("step") >= 4))
+    assert tomas["action"].to_list() == ["wait"] * 3 and all("--n-ctx" in n for n in tomas["note"])
+    calls = pl.read_parquet(out / "llm_calls.parquet")
+    failed = calls.filter(pl.col("status") == "error")
+    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == [4, 5, 6]
+    usage = pl.read_parquet(out / "usage.parquet")
+    assert usage["steps_run"].to_list() == [3]
+    mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 4) & (pl.col("purpose") == "act"))
+    assert (mara(calls)["prompt_tokens"].to_list() != mara(pl.read_parquet(run_a / "llm_calls.parquet"))["prompt_tokens"].to_list())
+    info = json.loads((out / "run.json").read_text())
+    assert info["fork_step"] == 3 and info["forked_from"] == str(run_a)
+
+
+def _bad(data, path):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda d: d.update(weather="rain"), ["unknown key 'weather'"]),
+    (lambda d: d["agents"][1].update(mood="grim"), ["unknown key 'agents[1].mood'"]),
+    (lambda d: d["agents"][2].update(location="moon"), ["'agents[2].location'", "'moon'", "harbor"]),
+    (lambda d: d.update(agents=[]), ["'agents'", "at least one agent"]),
+    (lambda d: d["agents"][3].update(name="Mara"), ["'agents[3].name'", "'Mara'"]),
+    (lambda d: d["memory"].update(recent="many"), ["'memory.recent'"]),
+])
+def test_a_bad_spec_fails_on_one_line_naming_file_and_key_before_any_model_loads(run_flow, tmp_path, edit, needles):
+    data = yaml.safe_load(SPEC.read_text())
+    edit(data)
+    path = _bad(data, tmp_path / "bad.yaml")
+    out = tmp_path / "out"
+    result = run_flow("simulate", str(path), "--out", str(out), "--model", str(tmp_path / "absent.gguf"))
+    line = assert_one_line_error(result, str(path), *needles)  # the spec is refused before the model is looked for
+    assert line.startswith("python -m flows.simulate: error: spec ")
+    assert not out.exists()
+
+
+def test_the_shipped_spec_and_template_keep_the_stable_part_first():
+    from tokenmill.models.resolve import resolve_model
+    from tokenmill.sim.run import SimConfig, Simulation
+
+    sim = Simulation(SimConfig(spec=str(SPEC), out="/nonexistent/never-written"))
+    assert len(sim.spec.agents) >= 4 and len(sim.spec.locations) >= 3
+    for a in sim.spec.agents:
+        sim.streams[a.name].add(0, "initial", a.memories[0], 5)
+    mara, tomas = sim.spec.agents[0].name, sim.spec.agents[1].name
+    early = sim.prompts.for_agent(sim.world, sim.streams[mara], 1, "act")
+    sim.world.where[mara] = "tavern"
+    for i in range(30):
+        sim.streams[mara].add(i + 1, "observation", f"event number {i} at the tavern", 3)
+    late = sim.prompts.for_agent(sim.world, sim.streams[mara], 25, "act")
+    reflect = sim.prompts.for_agent(sim.world, sim.streams[mara], 25, "reflect")
+    other = sim.prompts.for_agent(sim.world, sim.streams[tomas], 1, "act")
+    tok = sim.info.tokenize
+    stable = len(os.path.commonprefix([tok(early), tok(late), tok(reflect)]))
+    shared = len(os.path.commonprefix([tok(early), tok(other)]))
+    persona_end = len(tok(early[: early.index(sim.spec.agents[0].persona) + len(sim.spec.agents[0].persona)]))
+    assert stable >= persona_end - 1  # everything up to the persona is the same at step 1 and 25
+    assert shared > 200  # rules, scenario, places and people are shared by all agents
+    assert abs(len(tok(late)) - len(tok(early))) < 0.5 * len(tok(early))  # memories are bounded, not the whole log
+    assert resolve_model(None) == sim.model_path
+    assert not Path("/nonexistent/never-written").exists()
+
+
+def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, run_flow, spec4):
+    before = pl.read_parquet(run_a / "events.parquet")
+    again = run_flow("simulate", str(spec4), "--out", str(run_a))
+    assert again.returncode == 0, again.stderr  # nothing ran, so nothing failed
+    assert "nothing to run" in again.stderr
+    assert pl.read_parquet(run_a / "events.parquet").equals(before)
+    more = run_flow("simulate", str(spec4), "--out", str(run_a), "--steps", str(STEPS + 1), timeout=LONG)
+    assert more.returncode in (0, 3), more.stderr
+    after = pl.read_parquet(run_a / "events.parquet")
+    assert after.filter(pl.col("step") <= STEPS).equals(before)
+    assert after.filter(pl.col("step") == STEPS + 1).height == 4
+    other = run_flow("simulate", str(spec4), "--out", str(run_a), "--seed", "99")
+    assert_one_line_error(other, str(run_a), "--fork-from")
