@@ -51,7 +51,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096,
                    help="context tokens one row may use: prompt + --max-tokens must fit (default 4096)")
     p.add_argument("--n-seq", type=int, default=0,
-                   help="rows decoded together in one batch (default 0: 8); each gets its own --n-ctx of KV cache")
+                   help="rows decoded together in one batch (default 0: as many, up to 16, as fit a 2 GiB KV cache; 16 for the default model); each gets its own --n-ctx of KV cache")
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
     p.add_argument("--threads", type=int, default=0,
