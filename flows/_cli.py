@@ -55,8 +55,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for llama.cpp (default 0: the cores not already busy, judged from the load "
-                        "average at start; llama.cpp slows down badly when its threads compete for cores)")
+                   help="CPU threads for llama.cpp (default 0: every core). On a busy machine use fewer: llama.cpp "
+                        "slows down badly when its threads compete with other programs for cores")
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
                    help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
                         "llama-simple: one row at a time; gpt4all: one row at a time through GPT4All's "

@@ -70,19 +70,15 @@ class ModelSettings:
 
 
 def default_threads() -> int:
-    """CPU threads for llama.cpp when none are asked for: the cores not already busy.
+    """CPU threads for llama.cpp when none are asked for: every core.
 
-    llama.cpp's threads wait for each other at every step, so one thread that shares its
-    core with another program stalls them all: on a loaded 2-core machine 24 tokens took
-    1.7 s with 1 thread and 32 s with 2. So the cores minus the busy ones, judged from the
-    1-minute load average (a load under 0.75 counts as no busy core), at least 1.
+    llama.cpp's threads wait for each other at every step, so on a machine that is already
+    busy fewer threads can be much faster (on a loaded 2-core machine 24 tokens took 1.7 s
+    with 1 thread and 32 s with 2): pass `--threads`. A default from the load average was
+    tried and dropped: the average still counts the last minute of tokenmill's own work, so
+    back-to-back runs on an idle machine chose 1 thread of 2.
     """
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return max(1, min(cores, cores - int(load + 0.25)))
+    return os.cpu_count() or 1
 
 
 class Backend(Protocol):

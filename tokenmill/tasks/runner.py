@@ -57,7 +57,7 @@ class JobConfig:
     n_ctx: int = 4096
     n_seq: int = 0
     n_gpu_layers: int = -1
-    n_threads: int = 0  # 0: the cores not already busy (models.base.default_threads)
+    n_threads: int = 0  # 0: every core (models.base.default_threads)
     backend: str = "llama"
     chunk_size: int = 32
     max_words: int = 40
