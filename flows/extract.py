@@ -36,9 +36,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job a parsed command line (or a job spec, see tokenmill.jobspec) asks for."""
+    return config_from_args(args, schema=args.schema, grammar=args.grammar, max_retries=args.max_retries)
+
+
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args, schema=args.schema, grammar=args.grammar, max_retries=args.max_retries)
-    return cli_main(args, config, prepare_extract, extract, "extract")
+    return cli_main(args, job_config(args), prepare_extract, extract, "extract")
 
 
 if __name__ == "__main__":

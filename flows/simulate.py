@@ -124,12 +124,19 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      price_output_per_mtok=args.price_output)
 
 
-def main(args: argparse.Namespace) -> int:
+def job_config(args: argparse.Namespace) -> SimConfig:
+    """The run a parsed command line (or a job spec, see tokenmill.jobspec) asks for, its spec checked:
+    a bad spec fails here, on one line, before any model starts."""
     config = config_from_args(args)
     if args.fork_from is not None and (args.fork_from < 0 or not args.out):
         from tokenmill.errors import InputError
         raise InputError("--fork-from K needs K >= 0 and a new --out for the what-if run")
-    effective_spec(config)  # a bad spec fails here, on one line, before Prefect or any model starts
+    effective_spec(config)
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    config = job_config(args)
     if args.show_prompt:
         sim = Simulation(config)
         prompt = sim.show_prompt()

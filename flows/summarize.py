@@ -34,9 +34,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job a parsed command line (or a job spec, see tokenmill.jobspec) asks for."""
+    return config_from_args(args, max_words=args.max_words, split_long=args.split_long, max_chunks=args.max_chunks)
+
+
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args, max_words=args.max_words, split_long=args.split_long, max_chunks=args.max_chunks)
-    return cli_main(args, config, prepare_summarize, summarize, "summarize")
+    return cli_main(args, job_config(args), prepare_summarize, summarize, "summarize")
 
 
 if __name__ == "__main__":

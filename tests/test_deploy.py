@@ -1,0 +1,285 @@
+"""flows.deploy on a real Prefect server: served deployments, triggered runs, serialization, nightly globs.
+
+One `prefect server start` on loopback (its own PREFECT_HOME, SQLite, a free port) and one
+`python -m flows.deploy` serving two job specs for the whole module; runs are triggered with
+run_deployment and run the real model on two or three rows of 8 tokens. Everything this module
+starts carries its PREFECT_HOME in its environment, and teardown checks that nothing carrying
+it is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+ARTICLES = REPO / "data" / "articles.csv"
+TINY = {"id_column": "id", "max_tokens": 8, "n_ctx": 1024, "no_cache": True}
+NEVER = "0 0 1 1 *"  # schedules that do not fire while the tests run: runs come from run_deployment only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ours(marker: str) -> list[int]:
+    """Pids of processes whose environment holds `marker` (this module's PREFECT_HOME)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if f"PREFECT_HOME={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _stop(proc: subprocess.Popen, first: int = signal.SIGINT, grace: float = 30) -> None:
+    """Stop a process started with start_new_session=True, and its whole process group."""
+    for sig, wait in [(first, grace), (signal.SIGKILL, 10)]:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := check()) is not None:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _health(url: str):
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return True if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def _articles(ids: list[str]) -> pl.DataFrame:
+    return pl.read_csv(ARTICLES).filter(pl.col("id").is_in(ids))
+
+
+def _spec(folder: Path, name: str, data: dict) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A Prefect server and a flows.deploy serving `nightly` (a glob) and `other`; all stopped afterwards."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "inbox").mkdir()
+    _articles(["a01", "a02"]).write_csv(ws / "inbox" / "a.csv")
+    _spec(ws, "nightly", {"task": "summarize", "input": "inbox/*.csv", "out": "out/nightly", **TINY,
+                          "schedule": {"cron": NEVER, "timezone": "Europe/Berlin"}})
+    _spec(ws, "other", {"task": "summarize", "input": str(ARTICLES), "limit": 2, "out": "out/other", **TINY,
+                        "schedule": {"cron": NEVER}})
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": "",
+           "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=(home / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_until(lambda: _health(url), 180, f"the Prefect server (see {home / 'server.log'})")
+        client_env = {**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+        serve_log = home / "serve.log"
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.deploy", "nightly.yaml", "other.yaml"], cwd=ws,
+                                      env=client_env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        stack = {"url": url, "home": home, "ws": ws, "env": client_env, "serve_log": serve_log, "serve": procs[-1]}
+        _wait_until(lambda: True if _deployment(stack, "summarize/other") else None, 180,
+                    f"the served deployments (see {serve_log})")
+        yield stack
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        for pid in _ours(str(home)):  # e.g. a flow run the runner started in its own session
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+        assert _ours(str(home)) == [], "processes started by this module are still running"
+
+
+def _client(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Client:
+        def __enter__(self):
+            self.settings = temporary_settings({PREFECT_API_URL: stack["url"]})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True)
+            return self.client.__enter__()
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return Client()
+
+
+def _deployment(stack, name: str):
+    from prefect.exceptions import ObjectNotFound
+
+    with _client(stack) as client:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def _trigger(stack, name: str, overrides: list[str] | None = None, wait: bool = True):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack["url"]}):
+        return run_deployment(name, parameters={"overrides": overrides or []}, timeout=600 if wait else 0,
+                              poll_interval=1)
+
+
+def _flow_run(stack, run_id):
+    with _client(stack) as client:
+        return client.read_flow_run(run_id)
+
+
+def _states(stack, run_id) -> list[str]:
+    with _client(stack) as client:
+        return [s.name for s in client.read_flow_run_states(run_id)]
+
+
+def test_deployments_are_served_with_their_schedule_and_the_model_limit(stack):
+    nightly = _deployment(stack, "summarize/nightly")
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == NEVER and schedule.schedule.timezone == "Europe/Berlin"
+    assert nightly.parameters == {"spec": str(stack["ws"] / "nightly.yaml"), "overrides": []}
+    assert nightly.global_concurrency_limit.limit == 1  # the deployment's own limit ...
+    assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"  # ... which queues
+    with _client(stack) as client:
+        limit = client.read_global_concurrency_limit_by_name("tokenmill-model")
+    assert limit.limit == 1 and limit.active
+
+
+def test_a_triggered_run_completes_with_results_and_its_run_table_artifact(stack):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run = _trigger(stack, "summarize/nightly")
+    assert run.state.is_completed(), (run.state, stack["serve_log"].read_text()[-3000:])
+    assert _flow_run(stack, run.id).state_type.value == "COMPLETED"  # as the server has it
+    out = stack["ws"] / "out" / "nightly"
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["id"].to_list() == ["a01", "a02"] and results["status"].to_list() == ["ok", "ok"]
+    assert (results["completion_tokens"] > 0).all()
+    usage = pl.read_parquet(out / "usage.parquet")
+    assert usage["run_id"].to_list() == [str(run.id)]
+    with _client(stack) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    tables = [a for a in artifacts if a.type == "markdown"]
+    assert [a.key for a in tables] == ["summarize-run"]
+    assert "| rows_total | 2 |" in tables[0].data and "| rows_generated | 2 |" in tables[0].data
+
+
+def test_nightly_glob_second_run_generates_only_the_new_files_rows(stack):
+    out = stack["ws"] / "out" / "nightly"
+    assert (out / "usage.parquet").exists(), "needs the first run (previous test)"
+    _articles(["a03"]).write_csv(stack["ws"] / "inbox" / "b.csv")  # the new file of the night
+    run = _trigger(stack, "summarize/nightly")
+    assert run.state.is_completed(), run.state
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["id"].to_list() == ["a01", "a02", "a03"] and set(results["status"]) == {"ok"}
+    usage = pl.read_parquet(out / "usage.parquet")
+    assert usage["run_id"].to_list()[-1] == str(run.id) and usage.height == 2
+    last = usage.row(-1, named=True)
+    assert (last["rows_generated"], last["rows_resumed"], last["rows_total"]) == (1, 2, 3)
+    # the history of the deployment's runs, from the same folder
+    stats = subprocess.run([sys.executable, "-m", "flows.stats", str(out), "--no-png"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert stats.returncode == 0, stats.stderr
+    for run_id in usage["run_id"]:
+        assert run_id[:8] in stats.stdout
+
+
+def test_runs_triggered_together_run_one_after_the_other(stack):
+    ws = stack["ws"]
+    # two runs of one deployment (each into its own folder, so both have rows to generate) and one of another
+    runs = [_trigger(stack, "summarize/nightly", [f"out={ws / 'out' / 'n1'}"], wait=False),
+            _trigger(stack, "summarize/nightly", [f"out={ws / 'out' / 'n2'}"], wait=False),
+            _trigger(stack, "summarize/other", wait=False)]
+    final = [_wait_until(lambda r=r: f if (f := _flow_run(stack, r.id)).state.is_final() else None, 600,
+                         f"flow run {r.id}") for r in runs]
+    assert [f.state_type.value for f in final] == ["COMPLETED"] * 3, stack["serve_log"].read_text()[-3000:]
+    # one deployment: its runs do not overlap at all (the second waited for the deployment's slot)
+    first, second = sorted(final[:2], key=lambda f: f.start_time)
+    assert first.end_time <= second.start_time
+    assert "AwaitingConcurrencySlot" in _states(stack, second.id)
+    # every model-heavy run: their model work does not overlap (the global limit tokenmill-model)
+    spans = []
+    for folder in ["n1", "n2", "other"]:
+        row = pl.read_parquet(ws / "out" / folder / "usage.parquet").row(-1, named=True)
+        assert row["rows_generated"] >= 2
+        spans.append((row["started_at"], row["ended_at"]))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, spans
+
+
+def test_an_invalid_spec_fails_deploy_before_anything_is_served(stack):
+    ws = stack["ws"]
+    _spec(ws, "fine", {"task": "summarize", "input": str(ARTICLES), "name": "never-served",
+                       "schedule": {"cron": NEVER}})
+    bad = _spec(ws, "bad", {"task": "summarize", "input": str(ARTICLES), "max_token": 8,
+                            "schedule": {"cron": NEVER}})
+    result = subprocess.run([sys.executable, "-m", "flows.deploy", "fine.yaml", "bad.yaml"], cwd=ws,
+                            env=stack["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("python -m flows.deploy: error: ") and str(bad) in line and "'max_token'" in line
+    assert _deployment(stack, "summarize/never-served") is None
+
+
+def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
+    spec = _spec(tmp_path, "j", {"task": "summarize", "input": str(ARTICLES), "schedule": {"cron": NEVER}})
+    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "flows.deploy", str(spec)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "prefect server start" in result.stderr.strip().splitlines()[-1]
+
+
+def test_still_serving_after_every_run(stack):
+    """No crash along the way; the fixture's teardown stops it and checks that nothing is left running."""
+    assert stack["serve"].poll() is None, stack["serve_log"].read_text()[-3000:]
