@@ -13,13 +13,20 @@ from tokenmill.jobspec import load_job_spec, spec_keys_help
 PROG = "python -m flows.run"
 
 
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        # every task's keys, from each command's parser: built only for --help (simulate's imports Prefect)
+        self.epilog = spec_keys_help() + "\n\n" + EXIT_STATUS_HELP
+        return super().format_help()
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the job a spec declares, now: the spec becomes its command line "
                     "(python -m flows.<task> INPUT --option ...), which runs as if typed. The spec's "
                     "schedule is ignored here; python -m flows.deploy serves it.",
-        epilog=spec_keys_help() + "\n\n" + EXIT_STATUS_HELP)
+    )
     p.add_argument("spec", metavar="SPEC", help="job spec (.yaml), e.g. jobs/articles-nightly.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key for this run (VALUE is read as YAML: --set limit=2 --set no_cache=true); "

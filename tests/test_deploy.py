@@ -26,6 +26,7 @@ from tests.conftest import REPO
 
 ARTICLES = REPO / "data" / "articles.csv"
 TINY = {"id_column": "id", "max_tokens": 8, "n_ctx": 1024, "no_cache": True}
+PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 NEVER = "0 0 1 1 *"  # schedules that do not fire while the tests run: runs come from run_deployment only
 
 
@@ -103,7 +104,7 @@ def stack(tmp_path_factory):
                         "schedule": {"cron": NEVER}})
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **PYTHONPATH,
            "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": "",
            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
     procs: list[subprocess.Popen] = []
@@ -273,11 +274,26 @@ def test_an_invalid_spec_fails_deploy_before_anything_is_served(stack):
 
 def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
     spec = _spec(tmp_path, "j", {"task": "summarize", "input": str(ARTICLES), "schedule": {"cron": NEVER}})
-    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home"), **PYTHONPATH}
     result = subprocess.run([sys.executable, "-m", "flows.deploy", str(spec)], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
     assert "prefect server start" in result.stderr.strip().splitlines()[-1]
+
+
+def test_flows_run_runs_a_spec_now(stack):
+    ws = stack["ws"]
+    result = subprocess.run([sys.executable, "-m", "flows.run", str(ws / "other.yaml"), "--set", "limit=1",
+                             "--set", f"out={ws / 'out' / 'now'}", "--no-progress"], cwd=REPO, env=stack["env"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "job other: python -m flows.summarize" in lines[0] and "--limit 1" in lines[0]
+    assert "1 rows" in lines[-1] and str(ws / "out" / "now") in lines[-1]
+    results = pl.read_parquet(ws / "out" / "now" / "results.parquet")
+    assert results["id"].to_list() == ["a01"] and results["status"].to_list() == ["ok"]
+    run_id = pl.read_parquet(ws / "out" / "now" / "usage.parquet")["run_id"][0]
+    assert _flow_run(stack, run_id).state_type.value == "COMPLETED"  # a flow run on the configured server
 
 
 def test_still_serving_after_every_run(stack):

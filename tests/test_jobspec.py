@@ -5,7 +5,6 @@ In-process and fast: no model runs, no Prefect server (flows.deploy --check stop
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -149,7 +148,7 @@ def test_an_option_of_another_task_is_unknown(tmp_path):
 
 
 @pytest.mark.parametrize("schedule, key", [
-    ({"cron": "0 2 * *"}, "schedule"),
+    ({"cron": "0 2 * *"}, "schedule.cron"),
     ({"cron": "0 25 * * *"}, "schedule.cron"),
     ({"cron": "0 2 * * *", "timezone": "Mars/Olympus"}, "schedule.timezone"),
     ({"cron": "0 2 * * *", "interval": 60}, "schedule"),
@@ -248,4 +247,3 @@ def test_prefect_yaml_points_at_the_shipped_specs_and_their_schedules():
         (schedule,) = entry["schedules"]
         assert schedule.get("cron") == spec.schedule.cron and schedule["timezone"] == spec.schedule.timezone
         assert entry["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
-        assert dataclasses.is_dataclass(job_config(spec))
