@@ -149,15 +149,19 @@ def _field(key: str, action: argparse.Action) -> tuple[Any, Any]:
         kind = StrictStr
     if key == "schema":
         kind = Union[StrictStr, dict]  # a file, or the schema inline (then the spec file is the --schema)
+    alias = key if hasattr(BaseModel, key) else None
     if action.required or key == "input":
-        return kind, Field(description=action.help)
-    return Optional[kind], Field(default=None, description=action.help)
+        return kind, Field(description=action.help, alias=alias)
+    return Optional[kind], Field(default=None, description=action.help, alias=alias)
 
 
 @cache
 def spec_model(task: str) -> type[BaseModel]:
     """The pydantic model of a `task` job spec, made from the command's parser."""
-    fields = {key: _field(key, action) for key, action in _actions(task).items()}
+    fields = {}
+    for key, action in _actions(task).items():
+        # a key BaseModel itself uses (`schema`) is a field of another name, read and written as the key
+        fields[f"{key}_" if hasattr(BaseModel, key) else key] = _field(key, action)
     return create_model(
         f"{task.title()}JobSpec", __config__=ConfigDict(extra="forbid"),
         name=(Optional[str], Field(default=None, pattern=NAME_PATTERN)),
@@ -314,7 +318,7 @@ def load_job_spec(path_text: str | Path, overrides: list[str] | tuple[str, ...] 
             raise JobSpecError(f"job spec {path}{sets}: key '{where}' is required") from None
         msg = err["msg"].removeprefix("Value error, ")
         raise JobSpecError(f"job spec {path}{sets}: key '{where}': {msg}") from None
-    options = {k: v for k, v in model.model_dump(exclude_none=True).items() if k not in SPEC_KEYS}
+    options = {k: v for k, v in model.model_dump(exclude_none=True, by_alias=True).items() if k not in SPEC_KEYS}
     return JobSpec(path=path, name=model.name or path.stem, task=task, description=model.description,
                    schedule=model.schedule, options=options, overrides=overrides)
 
