@@ -68,8 +68,8 @@ def test_relative_paths_are_relative_to_the_spec_file_and_set_paths_to_the_curre
     spec_file = write(folder, "j.yaml", {"task": "summarize", "input": "../data/*.csv", "out": "../runs/x",
                                          "prompt": "default", "model": "ollama:llama3.2:1b"})
     spec = load_job_spec(spec_file)
-    assert spec.options["input"] == str(tmp_path / "jobs" / ".." / "data" / "*.csv")
-    assert spec.options["out"] == str(tmp_path / "jobs" / ".." / "runs" / "x")
+    assert spec.options["input"] == str(tmp_path / "data" / "*.csv")
+    assert spec.options["out"] == str(tmp_path / "runs" / "x")
     assert spec.options["prompt"] == "default" and spec.options["model"] == "ollama:llama3.2:1b"  # names, not paths
     monkeypatch.chdir(tmp_path)
     spec = load_job_spec(spec_file, ["out=elsewhere", "limit=2"])
@@ -91,7 +91,7 @@ def test_print_command_shows_the_equivalent_command(capsys):
                                                      "--print-command", "--set", "limit=2"])) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("python -m flows.summarize ") and "--limit 2" in line and "--max-tokens 64" in line
-    assert "--id-column id" in line and str(REPO / "jobs" / ".." / "data" / "*.csv") in line
+    assert "--id-column id" in line and str(REPO / "data" / "*.csv") in line
 
 
 # --- the shipped specs -----------------------------------------------------------------------------

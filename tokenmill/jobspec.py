@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
 import zoneinfo
@@ -250,7 +251,7 @@ def _absolute(key: str, value: Any, base: Path) -> Any:
     if not _is_path(key, value):
         return value
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).absolute())
+    return os.path.normpath(path if path.is_absolute() else base / path)  # jobs/../data -> data
 
 
 def _parse_set(item: str) -> tuple[list[str], Any]:
