@@ -16,6 +16,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: E402
 from tokenmill.errors import ModelError  # noqa: E402
 from tokenmill.models.base import GenerationRequest, ModelSettings  # noqa: E402
 from tokenmill.models.llama_batched import LlamaBatchedBackend  # noqa: E402
+from tokenmill.models.llama_load import FIRST_STREAM_CELLS  # noqa: E402
 from tokenmill.models.resolve import default_model_path  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -176,6 +177,28 @@ def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unifie
         "raise --n-ctx or lower --max-tokens"
     )
     assert got[0].finish_reason != "error" and got[2].finish_reason != "error"
+
+
+def test_streams_grow_for_a_long_row_and_keep_every_text(model_path, prompts, reference):
+    """Streams start at FIRST_STREAM_CELLS; a row that needs more waits for the rows before
+    it, the streams grow, and every row still has create_completion's text."""
+    long_prompt = summarize_prompt(" ".join(prompts[0:4]))
+    llm = llama_cpp.Llama(model_path, n_ctx=4096, verbose=False)
+    long_ref = llm.create_completion(long_prompt, max_tokens=MAX_TOKENS, temperature=0)
+    llm.close()
+    assert long_ref["usage"]["prompt_tokens"] + MAX_TOKENS > FIRST_STREAM_CELLS  # the test needs a long row
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 4096))
+    try:
+        assert engine.stream_ctx == FIRST_STREAM_CELLS and engine.row_ctx == 4096
+        requests = [greedy(0, prompts[0]), greedy(1, long_prompt), greedy(2, prompts[1])]
+        got = {c.index: c for c in engine.generate(requests)}
+        assert engine.stats["stream_resizes"] >= 1 and engine.stream_ctx > FIRST_STREAM_CELLS
+    finally:
+        engine.close()
+    assert got[1].text == long_ref["choices"][0]["text"]
+    assert got[1].prompt_tokens == long_ref["usage"]["prompt_tokens"]
+    assert got[0].text == reference[0]["choices"][0]["text"]
+    assert got[2].text == reference[1]["choices"][0]["text"]
 
 
 def test_unified_cache_makes_rows_wait_for_cells_and_keeps_them_apart(model_path, prompts, reference):

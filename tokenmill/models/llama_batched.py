@@ -37,7 +37,7 @@ import llama_cpp
 from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings, default_threads
 from tokenmill.models.jump_forward import MAX_FORCED, JumpForward
-from tokenmill.models.llama_load import create_context, gpu_layers, load_model
+from tokenmill.models.llama_load import FIRST_STREAM_CELLS, create_context, gpu_layers, grown_stream, load_model
 from tokenmill.models.llama_rates import measure
 from tokenmill.models.llama_sampling import RowError, RowText, gpu_names, token_piece, tokenize_prompt
 from tokenmill.models.row_sampler import Candidates, RowSampler
@@ -82,7 +82,9 @@ class LlamaBatchedBackend:
     `kv_unified` picks the KV layout (module docstring); None uses DEFAULT_KV_UNIFIED
     (isolated). With isolated streams `settings.n_ctx` is shared out: each row may use
     n_ctx/(n_seq+1) tokens, as llama.cpp's server splits -c across its slots.
-    Attributes: `n_ctx` (all cells), `row_ctx` (most tokens one row may use), `n_seq`
+    Attributes: `n_ctx` (all cells now), `row_ctx` (most tokens one row may use),
+    `stream_ctx` (cells each isolated stream holds now: streams start small and grow to
+    row_ctx when a longer row comes, once the rows before it are done), `n_seq`
     (slots), `n_batch`, `n_threads`, `n_gpu_layers`, `kv_unified`, and `stats` (cumulative
     llama_decode calls and seconds, prompt and generated tokens decoded, generate_calls:
     calls holding generated tokens, forced_tokens: completion tokens jump-forward appended,
@@ -102,26 +104,41 @@ class LlamaBatchedBackend:
         self._model, self._tensor_split = load_model(settings, self.n_gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         try:
-            self._ctx, self.n_batch, self.n_seq = create_context(
-                settings, self._model, self.kv_unified, self.n_gpu_layers, self.n_threads)
+            self._ctx, self.n_batch, self.n_seq, self.row_ctx = create_context(
+                settings, self._model, self.kv_unified, self.n_gpu_layers, self.n_threads, FIRST_STREAM_CELLS)
         except ModelError:
             self.close()
             raise
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)  # llama.cpp pads to multiples of 256
-        self.row_ctx = self.n_ctx if self.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._context_created()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._candidates = Candidates(self._vocab)  # grammar rows' sampling scratch (row_sampler.py)
         self._filler = max(llama_cpp.llama_vocab_bos(self._vocab), 0)  # stand-in token (see _Run.fill_gaps)
-        self._prefix: list[int] = []  # tokens sequence 0 should hold
-        self._prefix_done = 0  # how many of them it holds now
         self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_s": 0.0, "generate_s": 0.0, "generate_calls": 0, "forced_tokens": 0,
                       "jump_forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0, "run_s": 0.0, "idle_s": 0.0, "admit_s": 0.0,
-                      "grammar_samples": 0, "grammar_rejections": 0}
+                      "grammar_samples": 0, "grammar_rejections": 0, "stream_resizes": 0}
         self.jump = JumpForward(self._vocab, self.stats) if settings.jump_forward else None
         self.max_forced = min(MAX_FORCED, self.n_batch // self.n_seq - 1)
         self.last_decode_s = 0.0
+
+    def _context_created(self) -> None:
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)  # llama.cpp pads to multiples of 256
+        self.stream_ctx = self.n_ctx if self.kv_unified else llama_cpp.llama_n_ctx_seq(self._ctx)
+        self.row_ctx = max(self.row_ctx, self.stream_ctx)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._prefix: list[int] = []  # tokens sequence 0 should hold
+        self._prefix_done = 0  # how many of them it holds now
+
+    def grow_streams(self, need: int) -> None:
+        """A new context whose isolated streams hold `need` cells (see llama_load.grown_stream);
+        only while no row is seated. The cached prefix goes with the old one."""
+        cells = grown_stream(self.stream_ctx, need, self.row_ctx)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        self._ctx, _, _, _ = create_context(self.settings, self._model, self.kv_unified, self.n_gpu_layers,
+                                            self.n_threads, cells)
+        self._context_created()
+        self.stats["stream_resizes"] += 1
 
     def device(self) -> str:
         if self.n_gpu_layers:
@@ -231,6 +248,11 @@ class _Run:
     def admit(self) -> None:
         t0 = time.perf_counter()
         while self.free and (self.pending is not None or self.pull()):
+            need = len(self.pending.tokens) + self.pending.req.max_tokens
+            if need > self.e.stream_ctx:  # a longer row than the streams hold: drain, then grow them
+                if self.rows:
+                    break
+                self.e.grow_streams(need)
             plan = self.choose_plan(self.pending)
             if plan is None:
                 break  # no room: wait for a running row to finish

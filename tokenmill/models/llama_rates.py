@@ -24,7 +24,7 @@ def measure(e: "LlamaBatchedBackend", prompt_tokens: int, steps: int) -> dict:
     uncached prompt tokens / prefill_tok_s + completion tokens / decode_tok_s.
     """
     # unified: the prompt's cells are shared by all rows; isolated: each stream holds a copy
-    room = e.n_ctx - len(e._prefix) - e.n_seq * steps if e.kv_unified else e.row_ctx - steps
+    room = e.n_ctx - len(e._prefix) - e.n_seq * steps if e.kv_unified else e.stream_ctx - steps
     n_prompt = min(prompt_tokens, room)
     if n_prompt < 16:
         raise RuntimeError(f"the context ({e.n_ctx}) is too small to measure rates")
