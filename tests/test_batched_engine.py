@@ -206,7 +206,8 @@ def test_unified_cache_makes_rows_wait_for_cells_and_keeps_them_apart(model_path
     rows = [greedy(i, p, max_tokens=32) for i, p in enumerate(prompts[:6])]
     got = run(model_path, rows, kv_unified=True, n_seq=6, n_ctx=1024)
     assert all(c.finish_reason in ("stop", "length") for c in got.values())
-    assert sorted(c.queue_ms for c in got.values())[-1] > 500  # the last row waited for cells
+    # the row that waited for cells waited about as long as a whole row takes (on any hardware)
+    assert max(c.queue_ms for c in got.values()) > 0.5 * min(c.prompt_ms + c.decode_ms for c in got.values())
     # Each summary speaks of its own abstract, not a neighbour's. (Exact text is not promised:
     # in a unified cache a row's cells lie elsewhere than in a lone run, which changes rounding.)
     words = [set(re.findall(r"[a-z]{6,}", p.lower())) for p in prompts[:6]]
@@ -343,7 +344,11 @@ def test_forced_tokens_honour_max_tokens_and_stop_strings(model_path, restaurant
     for i in range(1, 8):
         assert got[i].finish_reason == "length" and got[i].completion_tokens == i, (i, got[i])
         assert got[7].text.startswith(got[i].text)
-    assert got[8].finish_reason == "stop" and got[8].text.endswith('"eat'), got[8].text
+    # cut at the stop string: every complete reply holds "eatType" (a required field), and the
+    # text is the same greedy generation as the rows above, shorter or longer
+    cut = got[8].text
+    assert got[8].finish_reason == "stop" and "Type" not in cut, cut
+    assert cut.startswith(got[7].text) or got[7].text.startswith(cut), (cut, got[7].text)
 
 
 def test_grammar_rows_sampled_first_give_grammar_first_text(model_path, restaurant_rows):
