@@ -60,7 +60,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
                    help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
                         "llama-simple: one row at a time; gpt4all: one row at a time through GPT4All's "
-                        "llama.cpp (no grammar support)")
+                        "llama.cpp (no grammar support); echo: zero-cost, no model runs: a short text derived "
+                        "from the prompt (the shortest grammar-valid text for extraction) with real token "
+                        "counts, for measuring overhead and testing orchestration")
     p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
     p.add_argument("--no-strip", dest="strip", action="store_false",
                    help="keep whitespace around outputs (a parsing option: rows are re-parsed, not regenerated)")

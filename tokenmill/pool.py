@@ -17,16 +17,19 @@ from typing import Iterable, Iterator
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
-BACKENDS = ("llama", "llama-simple", "gpt4all")
+BACKENDS = ("llama", "llama-simple", "gpt4all", "echo")
 
 # What sets the backends apart. `grammar`: whether a request's grammar constrains generation
 # (without it the backend ignores the grammar and the caller validates the output instead).
 # `runtime`: backends of one runtime give the same text for the same request
 # (tests/test_batched_engine.py checks llama against llama-simple), so they share row keys.
+# `in_process`: cheap enough to run in the caller's process (no worker process to start).
 CAPABILITIES: dict[str, dict] = {
-    "llama": {"grammar": True, "runtime": "llama-cpp-python"},
-    "llama-simple": {"grammar": True, "runtime": "llama-cpp-python"},
-    "gpt4all": {"grammar": False, "runtime": "gpt4all"},
+    "llama": {"grammar": True, "runtime": "llama-cpp-python", "in_process": False},
+    "llama-simple": {"grammar": True, "runtime": "llama-cpp-python", "in_process": False},
+    "gpt4all": {"grammar": False, "runtime": "gpt4all", "in_process": False},
+    # zero-cost: replies derived from the prompt, for overhead and orchestration (models/echo.py)
+    "echo": {"grammar": True, "runtime": "echo", "in_process": True},
 }
 DEFAULT_RUNTIME = "llama-cpp-python"
 
@@ -42,8 +45,9 @@ def supports_grammar(backend: str) -> bool:
     return capability(backend, "grammar")
 
 
-def make_backend(settings: ModelSettings):
-    """Load the backend named by `settings.backend` (in the worker process)."""
+def make_backend(settings: ModelSettings, tokenizer=None):
+    """Load the backend named by `settings.backend` (in the worker process). `tokenizer`: the
+    caller's loaded ModelInfo, for a backend that only counts tokens (echo)."""
     if settings.backend == "llama":
         from tokenmill.models.llama_batched import LlamaBatchedBackend
 
@@ -56,6 +60,10 @@ def make_backend(settings: ModelSettings):
         from tokenmill.models.gpt4all_backend import Gpt4AllBackend
 
         return Gpt4AllBackend(settings)
+    if settings.backend == "echo":
+        from tokenmill.models.echo import EchoBackend
+
+        return EchoBackend(settings, tokenizer)
     raise ModelError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
@@ -122,7 +130,34 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
     backend.close()
 
 
-class ModelWorker:
+class _Worker:
+    """What the runner drives: submit requests, poll for completions, end the input, close."""
+
+    _input_ended = False
+    in_flight: int
+
+    def submit(self, request: GenerationRequest) -> None: ...
+
+    def end_input(self) -> None: ...
+
+    def poll(self, timeout: float = 0.5) -> list[Completion]: ...
+
+    def run(self, requests: Iterable[GenerationRequest], window: int = 64) -> Iterator[Completion]:
+        """Convenience: a Completion for every request, keeping up to `window` in flight."""
+        source = iter(requests)
+        while True:
+            while not self._input_ended and self.in_flight < window:
+                request = next(source, None)
+                if request is None:
+                    self.end_input()
+                else:
+                    self.submit(request)
+            if not self.in_flight:
+                return
+            yield from self.poll()
+
+
+class ModelWorker(_Worker):
     """One worker process holding one loaded model; restarted when it dies or hangs."""
 
     def __init__(self, settings: ModelSettings, hang_timeout_s: float = 300.0, max_attempts: int = 2,
@@ -274,20 +309,6 @@ class ModelWorker:
             if self._input_ended:
                 self._requests.put(None)
 
-    def run(self, requests: Iterable[GenerationRequest], window: int = 64) -> Iterator[Completion]:
-        """Convenience: a Completion for every request, keeping up to `window` in flight."""
-        source = iter(requests)
-        while True:
-            while not self._input_ended and self.in_flight < window:
-                request = next(source, None)
-                if request is None:
-                    self.end_input()
-                else:
-                    self.submit(request)
-            if not self.in_flight:
-                return
-            yield from self.poll()
-
     def stop(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
@@ -301,3 +322,57 @@ class ModelWorker:
         if self._input_ended and not self._pending:
             self._wait_closed()
         self.stop()
+
+
+class InProcessWorker(_Worker):
+    """The worker interface for a backend cheap enough to run in the caller's process (echo):
+    no process to start, nothing to restart; a request is answered when it is polled."""
+
+    restarts = 0
+
+    def __init__(self, settings: ModelSettings, tokenizer=None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.device = "unknown"
+        self._backend = None
+        self._queue: deque[GenerationRequest] = deque()
+        self._input_ended = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+    def start(self, wait: bool = True) -> str:
+        if self._backend is None:
+            self._backend = make_backend(self.settings, self.tokenizer)
+            self.device = self._backend.device()
+        return self.device
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.start()
+        self._queue.append(request)
+
+    def end_input(self) -> None:
+        self._input_ended = True
+
+    def poll(self, timeout: float = 0.5) -> list[Completion]:
+        requests = list(self._queue)
+        self._queue.clear()
+        return list(self._backend.generate(requests)) if requests else []
+
+    @property
+    def engine_stats(self) -> dict:
+        return dict(getattr(self._backend, "stats", None) or {})
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def make_worker(settings: ModelSettings, hang_timeout_s: float = 300.0, tokenizer=None) -> ModelWorker | InProcessWorker:
+    """A worker for `settings.backend`: in this process where the backend allows it, else a
+    worker process. `tokenizer`: the caller's loaded ModelInfo, for an in-process backend."""
+    if capability(settings.backend, "in_process"):
+        return InProcessWorker(settings, tokenizer)
+    return ModelWorker(settings, hang_timeout_s=hang_timeout_s)

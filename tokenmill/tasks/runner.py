@@ -24,7 +24,7 @@ from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, defa
 from tokenmill.models.base import GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, supports_grammar
+from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, make_worker, supports_grammar
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
@@ -254,7 +254,8 @@ class Job:
             self.worker = None
 
     def _new_worker(self) -> ModelWorker:
-        return ModelWorker(self.settings(), hang_timeout_s=self.config.hang_timeout_s)
+        # an in-process backend (echo) counts tokens with this job's tokenizer, loaded once
+        return make_worker(self.settings(), hang_timeout_s=self.config.hang_timeout_s, tokenizer=self.model_info)
 
     def has_pending_rows(self) -> bool:
         """Whether any row still needs the model (not done in OUT, not in the shared cache, not
