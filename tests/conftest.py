@@ -102,3 +102,17 @@ def assert_one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in line, line
     return line
+
+
+def run_echo(task: str, input_path, out, **config):
+    """Run a job in this process on the zero-cost echo backend (no Prefect, no model weights,
+    no worker process), for tests of orchestration; returns the run's RunStats. No shared
+    results cache unless `cache_dir` is given."""
+    from tokenmill.tasks.extract import prepare_extract
+    from tokenmill.tasks.runner import JobConfig
+    from tokenmill.tasks.summarize import prepare_summarize
+
+    config.setdefault("cache", "cache_dir" in config)
+    prepare = {"summarize": prepare_summarize, "extract": prepare_extract}[task]
+    job = prepare(JobConfig(input=str(input_path), out=str(out), backend="echo", **config))
+    return job.run(progress=False)

@@ -7,7 +7,7 @@ import re
 import polars as pl
 import pytest
 
-from tests.conftest import scitldr_rows
+from tests.conftest import run_echo, scitldr_rows
 from tokenmill.models.base import Completion
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import default_model_path
@@ -150,24 +150,25 @@ def test_long_document_usage_is_the_sum_over_every_call(long_run):
     assert usage["rows_generated"] == 3
 
 
-def test_without_splitting_a_long_row_fails_alone(run_flow, long_input, tmp_path):
+# Rows refused before any generation: the zero-cost backend, in this process.
+
+
+def test_without_splitting_a_long_row_fails_alone(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    result = run_flow("summarize", str(path), "--n-ctx", "2048", "--max-tokens", "16", "--no-split-long",
-                      "--out", str(out), "--no-cache")
-    assert result.returncode == 3, result.stderr
+    stats = run_echo("summarize", path, out, n_ctx=2048, max_tokens=16, split_long=False)
+    assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]
     error = df["error"][1]
     assert "--n-ctx 2048" in error and "tokens" in error and "--split-long" in error
 
 
-def test_too_many_parts_fail_alone_naming_max_chunks(run_flow, long_input, tmp_path):
+def test_too_many_parts_fail_alone_naming_max_chunks(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    result = run_flow("summarize", str(path), "--n-ctx", "2048", "--max-tokens", "16", "--max-chunks", "3",
-                      "--out", str(out), "--no-cache")
-    assert result.returncode == 3, result.stderr
+    stats = run_echo("summarize", path, out, n_ctx=2048, max_tokens=16, max_chunks=3)
+    assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]
     assert "--max-chunks 3" in df["error"][1]

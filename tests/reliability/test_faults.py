@@ -156,12 +156,15 @@ def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, datase
 
 def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), "--max-tokens", "400", "--no-cache", "--no-progress")
-    _wait_for(lambda: _worker_pid(proc.pid) is not None, proc)
+    proc = _start(prefect_server, str(dataset), "--out", str(out), "--max-tokens", "400", "--chunk-size", "1",
+                  "--no-cache", "--no-progress")
+    # generating: a first row is written, so its rows are admitted and it reads no more requests
+    _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     worker = _worker_pid(proc.pid)
-    time.sleep(3)  # generating: its rows are admitted, so it reads no more requests
     os.kill(proc.pid, signal.SIGKILL)  # only the run itself, as a timeout or the OOM killer would
     proc.communicate(timeout=60)
+    written = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
+    assert 1 <= written < 24 and not (out / "results.parquet").exists()  # the kill landed mid-generation
     deadline = time.monotonic() + 20
     while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the model worker kept running after its run was killed"
