@@ -116,3 +116,38 @@ def run_echo(task: str, input_path, out, **config):
     prepare = {"summarize": prepare_summarize, "extract": prepare_extract}[task]
     job = prepare(JobConfig(input=str(input_path), out=str(out), backend="echo", **config))
     return job.run(progress=False)
+
+
+class _NotRefused(BaseException):
+    """Raised where a command that should have been refused would start Prefect (a BaseException,
+    so the command line's own error handling cannot turn it into a one-line error)."""
+
+
+@pytest.fixture
+def run_cli_here(capsys, monkeypatch, tmp_path_factory):
+    """`python -m flows.<name> ARGS` in this process, for commands refused before any row: the
+    same parser, checks and one-line errors, without a new interpreter. Should the command get as
+    far as starting Prefect, the test fails (`_NotRefused`)."""
+    import importlib
+
+    from flows import _job
+    from flows._cli import run_cli
+
+    def not_refused():
+        raise _NotRefused("the command was not refused before its rows: it went on to start Prefect")
+
+    monkeypatch.setattr(_job, "_start_prefect_server", not_refused)
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path_factory.mktemp("cache-here")))
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess:
+        module = importlib.import_module(f"flows.{name}")
+        prog = f"python -m flows.{name}"
+        capsys.readouterr()
+        try:
+            code = run_cli(prog, module.main, module.parser(), [*args, "--no-progress"])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess([prog, *args], code, captured.out, captured.err)
+
+    return run

@@ -71,11 +71,11 @@ def test_eval_scores_fields_against_the_e2e_gold(extracted, e2e_csv):
     ({"type": "array", "items": {"type": "string"}}, "root must be an object"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}, "'oneOf'"),
 ])
-def test_invalid_or_unsupported_schema_fails_before_any_row(run_flow, e2e_csv, tmp_path, schema, needle):
+def test_invalid_or_unsupported_schema_fails_before_any_row(run_cli_here, e2e_csv, tmp_path, schema, needle):
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(schema))
     out = tmp_path / "out"
-    result = run_flow("extract", str(e2e_csv), "--column", "ref", "--schema", str(path), "--limit", "2",
+    result = run_cli_here("extract", str(e2e_csv), "--column", "ref", "--schema", str(path), "--limit", "2",
                       "--out", str(out))
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]

@@ -209,7 +209,7 @@ def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_
     _same_shape(gpt4all, direct)
 
 
-def test_unknown_model_on_the_command_line_is_one_line(homes, run_flow, scitldr_parquet, tmp_path):
-    result = run_flow("summarize", str(scitldr_parquet), "--out", str(tmp_path / "o"), "--model", "ollama:nope:1b")
+def test_unknown_model_on_the_command_line_is_one_line(homes, run_cli_here, scitldr_parquet, tmp_path):
+    result = run_cli_here("summarize", str(scitldr_parquet), "--out", str(tmp_path / "o"), "--model", "ollama:nope:1b")
     assert_one_line_error(result, "ollama:nope:1b", "manifests/registry.ollama.ai/library/nope/1b")
     assert not (tmp_path / "o" / "results.parquet").exists()

@@ -19,54 +19,54 @@ def good(tmp_path_factory):
     return path
 
 
-def test_non_utf8_csv(run_flow, tmp_path):
+def test_non_utf8_csv(run_cli_here, tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("id,text\n1,caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
-    assert_one_line_error(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "UTF-8", "iconv")
+    assert_one_line_error(run_cli_here("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "UTF-8", "iconv")
 
 
-def test_truncated_parquet(run_flow, good, tmp_path):
+def test_truncated_parquet(run_cli_here, good, tmp_path):
     path = tmp_path / "cut.parquet"
     path.write_bytes(good.read_bytes()[:200])
-    assert_one_line_error(run_flow("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "cannot read")
+    assert_one_line_error(run_cli_here("summarize", str(path), "--out", str(tmp_path / "o")), str(path), "cannot read")
 
 
-def test_folder_with_mixed_schemas(run_flow, tmp_path):
+def test_folder_with_mixed_schemas(run_cli_here, tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
     pl.DataFrame({"text": ["a b c"]}).write_parquet(folder / "a.parquet")
     pl.DataFrame({"text": ["d e f"], "lang": ["en"]}).write_parquet(folder / "b.parquet")
-    assert_one_line_error(run_flow("summarize", str(folder), "--out", str(tmp_path / "o")), "b.parquet", "a.parquet", "lang")
+    assert_one_line_error(run_cli_here("summarize", str(folder), "--out", str(tmp_path / "o")), "b.parquet", "a.parquet", "lang")
 
 
-def test_glob_matching_nothing(run_flow, tmp_path):
-    assert_one_line_error(run_flow("summarize", str(tmp_path / "*.csv"), "--out", str(tmp_path / "o")), "no file matches")
+def test_glob_matching_nothing(run_cli_here, tmp_path):
+    assert_one_line_error(run_cli_here("summarize", str(tmp_path / "*.csv"), "--out", str(tmp_path / "o")), "no file matches")
 
 
-def test_template_with_a_syntax_error(run_flow, good, tmp_path):
+def test_template_with_a_syntax_error(run_cli_here, good, tmp_path):
     template = tmp_path / "broken.j2"
     template.write_text("Summarize {{ text }\n")
-    assert_one_line_error(run_flow("summarize", str(good), "--prompt", str(template), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_cli_here("summarize", str(good), "--prompt", str(template), "--out", str(tmp_path / "o")),
            str(template), "syntax error", "line 1")
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
-def test_max_tokens_not_positive(run_flow, good, tmp_path, value):
-    assert_one_line_error(run_flow("summarize", str(good), "--max-tokens", value, "--out", str(tmp_path / "o")),
+def test_max_tokens_not_positive(run_cli_here, good, tmp_path, value):
+    assert_one_line_error(run_cli_here("summarize", str(good), "--max-tokens", value, "--out", str(tmp_path / "o")),
            "--max-tokens", value)
 
 
-def test_output_folder_that_cannot_be_created(run_flow, good, tmp_path):
+def test_output_folder_that_cannot_be_created(run_cli_here, good, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_one_line_error(run_flow("summarize", str(good), "--out", str(blocker / "out")), str(blocker / "out"), "--out")
+    assert_one_line_error(run_cli_here("summarize", str(good), "--out", str(blocker / "out")), str(blocker / "out"), "--out")
 
 
-def test_output_folder_holding_another_jobs_results(run_flow, good, tmp_path):
+def test_output_folder_holding_another_jobs_results(run_cli_here, good, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     pl.DataFrame({"run_id": ["x"], "task": ["extract"]}).write_parquet(out / "usage.parquet")
-    assert_one_line_error(run_flow("summarize", str(good), "--out", str(out)), str(out), "extract", "--out")
+    assert_one_line_error(run_cli_here("summarize", str(good), "--out", str(out)), str(out), "extract", "--out")
 
 
 def test_non_gguf_model_file(run_flow, good, tmp_path):
@@ -97,10 +97,10 @@ def test_gguf_of_an_unsupported_architecture(run_flow, good, tmp_path):
            str(model), "could not load")
 
 
-def test_invalid_job_spec(run_flow, good, tmp_path):
+def test_invalid_job_spec(run_cli_here, good, tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text("task: extract\nschema: [this is: not, {valid\n")
-    assert_one_line_error(run_flow("extract", str(good), "--schema", str(spec), "--out", str(tmp_path / "o")), str(spec))
+    assert_one_line_error(run_cli_here("extract", str(good), "--schema", str(spec), "--out", str(tmp_path / "o")), str(spec))
 
 
 def test_null_and_empty_rows_fail_alone(run_flow, tmp_path):
