@@ -10,7 +10,7 @@ import jsonschema
 import polars as pl
 import pytest
 
-from tests.conftest import DATASETS, REPO
+from tests.conftest import DATASETS, REPO, run_echo
 from tokenmill.schema import load_schema, polars_dtype
 
 SPEC = REPO / "jobs" / "restaurants.yaml"
@@ -133,3 +133,22 @@ def test_without_grammar_every_ok_row_is_valid_and_failures_used_every_try(witho
     assert usage["prompt_tokens"] == df["prompt_tokens"].sum()  # every try is counted
     params = json.loads(usage["params"])
     assert params["grammar"] is None and params["repair"][0] == 2
+
+
+def test_without_grammar_an_invalid_reply_is_asked_again_then_kept_as_an_error(e2e_csv, tmp_path):
+    """The repair loop's bookkeeping on the echo backend, whose plain-text replies never parse:
+    every row makes exactly 1 + --max-retries calls, each later prompt carries the conversation
+    so far, and the last reply is kept with the validator's message."""
+    out = tmp_path / "out"
+    stats = run_echo("extract", e2e_csv, out, column="ref", schema=str(SPEC), limit=4, grammar=False, max_retries=2)
+    df = pl.read_parquet(out / "results.parquet")
+    assert df["status"].to_list() == ["error"] * 4 and df["calls"].to_list() == [3] * 4
+    assert all(e.startswith("could not parse the model's output") for e in df["error"].to_list())
+    assert all(raw and not raw.startswith("{") for raw in df["raw_output"].to_list())
+    once = run_echo("extract", e2e_csv, tmp_path / "once", column="ref", schema=str(SPEC), limit=4, grammar=False,
+                    max_retries=0)
+    first = pl.read_parquet(tmp_path / "once" / "results.parquet")
+    assert first["calls"].to_list() == [1] * 4
+    # the second and third prompts hold the first prompt, the reply and the validator's message
+    assert (df["prompt_tokens"] > 3 * first["prompt_tokens"]).all()
+    assert stats.calls == 12 and stats.prompt_tokens == df["prompt_tokens"].sum()
