@@ -122,6 +122,27 @@ def test_shared_prefix_is_reported_as_cached_and_keeps_text(model_path, prompts,
     assert all(got[i].cached_tokens >= prefix - 2 for i in range(1, 4)), [got[i].cached_tokens for i in range(4)]
 
 
+def test_a_row_continues_from_what_a_finished_row_left_in_its_slot(model_path, prompts, reference):
+    """A finished row's tokens stay in its slot; a later request that begins with them (the
+    next turn of a conversation) decodes only what follows, with create_completion's text."""
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 2048))
+    try:
+        [first] = list(engine.generate([greedy(0, prompts[0])]))
+        turn = (prompts[0] + first.text + "<|im_end|>\n<|im_start|>user\nNow say it in five words.<|im_end|>\n"
+                "<|im_start|>assistant\n")
+        got = {c.index: c for c in engine.generate([greedy(1, turn), greedy(2, prompts[1])])}
+    finally:
+        engine.close()
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, verbose=False)
+    ref = llm.create_completion(turn, max_tokens=MAX_TOKENS, temperature=0)
+    llm.close()
+    second = got[1]
+    assert second.text == ref["choices"][0]["text"]
+    assert second.prompt_tokens == ref["usage"]["prompt_tokens"]
+    assert second.cached_tokens >= first.prompt_tokens, (second.cached_tokens, first.prompt_tokens)
+    assert got[2].text == reference[1]["choices"][0]["text"]  # beside it, a row that keeps only the template
+
+
 def test_grammar_constrains_only_its_row(model_path, prompts, reference):
     schema = {
         "type": "object",
@@ -182,7 +203,7 @@ def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unifie
 def test_streams_grow_for_a_long_row_and_keep_every_text(model_path, prompts, reference):
     """Streams start at FIRST_STREAM_CELLS; a row that needs more waits for the rows before
     it, the streams grow, and every row still has create_completion's text."""
-    long_prompt = summarize_prompt(" ".join(prompts[0:4]))
+    long_prompt = summarize_prompt(" ".join(prompts[0:6]))
     llm = llama_cpp.Llama(model_path, n_ctx=4096, verbose=False)
     long_ref = llm.create_completion(long_prompt, max_tokens=MAX_TOKENS, temperature=0)
     llm.close()

@@ -7,6 +7,12 @@ How a run works:
 - Each step decodes the next token of every generating row, prefix tokens and prompt
   chunks of rows being admitted, up to n_batch tokens (see `_Run.plan_step`).
 - Requests are pulled only when a slot is free; a row waits until its KV cells fit.
+- Isolated mode keeps what a finished row leaves in its slot (its prompt and the tokens it
+  generated, `_held`), across rows and `generate` calls. A new row whose prompt begins with
+  tokens a free slot still holds is seated there and decodes only the rest, with no copy
+  (an agent's persona step after step, a repair turn, few-shot examples): the row reports
+  them as cached_tokens. A slot's old tokens are simply overwritten when it is reused, and a
+  new row prefers an empty slot, then the one used longest ago.
 - Jump-forward (`ModelSettings.jump_forward`, see jump_forward.py): after a grammar row
   samples a token, the tokens its grammar forces next are appended unsampled and decoded
   with it in the row's next generation call. Isolated mode: llama.cpp cuts that call into
@@ -128,6 +134,13 @@ class LlamaBatchedBackend:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._prefix: list[int] = []  # tokens sequence 0 should hold
         self._prefix_done = 0  # how many of them it holds now
+        self._forget_slots()
+
+    def _forget_slots(self) -> None:
+        """No slot holds anything a row could reuse (a new context, or the rate probe used them)."""
+        self._held: dict[int, list[int]] = {}  # isolated mode: free slot -> the tokens its stream holds
+        self._last_used: dict[int, int] = {}  # slot -> when a row last left it (a counter)
+        self._releases = 0
 
     def grow_streams(self, need: int) -> None:
         """A new context whose isolated streams hold `need` cells (see llama_load.grown_stream);
@@ -219,7 +232,7 @@ class _Run:
         self.exhausted = False
         self.pending: _Row | None = None  # pulled, waiting for a slot or KV cells
         self.rows: list[_Row] = []  # admitted, in admission order
-        self.free = list(range(engine.n_seq, 0, -1))  # sequence ids 1..S
+        self.free = list(range(1, engine.n_seq + 1))  # sequence ids 1..S
         self.out: list[Completion] = []
 
     def loop(self) -> Iterator[Completion]:
@@ -296,12 +309,17 @@ class _Run:
         grammar = sampler.grammar if e.jump else None
         return _Row(req=req, tokens=tokens, sampler=sampler, text=text, t_pulled=t, grammar=grammar)
 
-    def choose_plan(self, row: _Row) -> tuple[str, int] | None:
-        """How the row will use the prefix sequence, or None while its cells do not fit."""
+    def choose_plan(self, row: _Row) -> tuple[str, int, int | None] | None:
+        """(mode, shared tokens, slot or None for any): how the row will use what the cache
+        holds, or None while its cells do not fit. "keep": continue from a free slot's held
+        tokens; else how it uses the prefix sequence."""
         e, n = self.e, len(row.tokens)
         # the row decodes at least its last 2 prompt tokens: the last for logits, and a lone
         # token would take another kernel path (see plan_step)
         lcp = _common_prefix(e._prefix, row.tokens, n - 2)
+        kept, slot = self.best_kept(row)
+        if kept >= MIN_SHARED and kept >= lcp:
+            return "keep", kept, slot
         nobody_waits = all(r.started for r in self.rows)  # else the prefix must stay as it is
         options = []
         if lcp >= MIN_SHARED:
@@ -313,8 +331,26 @@ class _Run:
             options.append(("drop", 0))  # give the prefix's cells back when memory is tight
         for mode, shared in options:
             if not e.kv_unified or self.cells_after(row, mode, shared) <= e.n_ctx:
-                return mode, shared
+                return mode, shared, None
         return None
+
+    def best_kept(self, row: _Row) -> tuple[int, int | None]:
+        """(tokens, slot): the free slot whose held tokens begin the row's prompt the longest way
+        (the lowest such slot on a tie); (0, None) when none does."""
+        best, slot = 0, None
+        for s in self.free:
+            held = self.e._held.get(s)
+            if held:
+                k = _common_prefix(held, row.tokens, len(row.tokens) - 2)
+                if k > best or (k == best and k and s < slot):
+                    best, slot = k, s
+        return best, slot
+
+    def take_slot(self) -> int:
+        """A free slot for a row that keeps nothing: the lowest empty one (slots in use stay
+        packed, see fill_gaps), else the one a row left longest ago."""
+        e = self.e
+        return min(self.free, key=lambda s: (s in e._held, e._last_used.get(s, 0), s))
 
     def cells_after(self, row: _Row, mode: str, shared: int) -> int:
         """Unified cache: cells reserved once `row` is seated this way (never an underestimate)."""
@@ -325,17 +361,23 @@ class _Run:
             return sum(r.cells + r.counted for r in self.rows) + need
         return len(self.e._prefix) + sum(r.cells for r in self.rows) + need
 
-    def seat(self, row: _Row, mode: str, shared: int) -> None:
+    def seat(self, row: _Row, mode: str, shared: int, slot: int | None) -> None:
         e = self.e
-        if mode == "share":
+        row.slot = slot if mode == "keep" else self.take_slot()
+        self.free.remove(row.slot)
+        if e._held.pop(row.slot, None) is not None:  # what the slot held beyond the shared part goes
+            llama_cpp.llama_memory_seq_rm(e._mem, row.slot, shared if mode == "keep" else 0, -1)
+        if mode == "keep":
+            row.shared, row.n_past, row.started = shared, shared, True
+        elif mode == "share":
             self.trim_prefix(shared)
         elif mode in ("replace", "drop"):
             llama_cpp.llama_memory_seq_rm(e._mem, PREFIX_SEQ, -1, -1)
             for r in self.rows:
                 r.counted = 0
             e._prefix, e._prefix_done = (row.tokens[:shared] if mode == "replace" else []), 0
-        row.shared = row.counted = shared
-        row.slot = self.free.pop()  # the lowest: slots in use stay packed (see fill_gaps)
+        if mode != "keep":
+            row.shared = row.counted = shared
         row.t_admit = time.perf_counter()
         self.rows.append(row)
 
@@ -443,7 +485,7 @@ class _Run:
         for slot in range(min(slots) + 1, max(slots)):
             if slot not in slots:
                 row = owner.get(slot)
-                pos = row.n_past if row is not None and row.started else 0
+                pos = row.n_past if row is not None and row.started else len(self.e._held.get(slot, ()))
                 self.e._put(n + len(gaps), self.e._filler, pos, slot, False)
                 gaps.append((slot, pos))
         return gaps
@@ -507,18 +549,26 @@ class _Run:
             prompt_ms=(end - row.t_admit) * 1000,
             decode_ms=(now - end) * 1000,
         ))
-        self.release(row)
+        self.release(row, keep=error is None)
 
-    def release(self, row: _Row) -> None:
+    def release(self, row: _Row, keep: bool = False) -> None:
+        """Give the row's slot back; `keep` (isolated mode, a row that ended well) leaves the
+        tokens it decoded in the slot for a later row that begins with them."""
+        e = self.e
         if row.sampler is not None:
             row.sampler.free()
             row.sampler = None
         if row in self.rows:
             self.rows.remove(row)
-            if self.e._ctx:  # the engine may have been closed under a suspended generator
-                llama_cpp.llama_memory_seq_rm(self.e._mem, row.slot, -1, -1)
+            if not e._ctx:  # the engine may have been closed under a suspended generator
+                pass
+            elif keep and row.started and not e.kv_unified:
+                e._held[row.slot] = (row.tokens + row.text.tokens)[: row.n_past]
+                e._releases += 1
+                e._last_used[row.slot] = e._releases
+            else:
+                llama_cpp.llama_memory_seq_rm(e._mem, row.slot, -1, -1)
             self.free.append(row.slot)
-            self.free.sort(reverse=True)
 
     def release_all(self) -> None:
         """Free what an interrupted run still holds (the prefix stays cached for the next run)."""

@@ -31,6 +31,9 @@ def measure(e: "LlamaBatchedBackend", prompt_tokens: int, steps: int) -> dict:
     filler = tokenize_prompt(e._vocab, "The quick brown fox jumps over the lazy dog. " * 32)
     tokens = (filler * (n_prompt // len(filler) + 1))[:n_prompt]
     greedy = llama_cpp.llama_sampler_init_greedy()
+    for seq in range(1, e.n_seq + 1):  # what rows left in their slots is given up
+        llama_cpp.llama_memory_seq_rm(e._mem, seq, -1, -1)
+    e._forget_slots()
     try:
         e._put(0, tokens[0], 0, 1, True)  # warm-up: the first decode pays one-time setup
         _decode_or_raise(e, 1)
