@@ -144,6 +144,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"({sim.info.count_tokens(prompt)} tokens; family {sim.prompts.family}; "
               f"template {sim.prompts.template.name}; {sim.prompts.chat.name})", file=sys.stderr)
         return EXIT_OK
+    Simulation(config).check()  # a folder holding another run, a bad fork: one line, before Prefect starts
     result = simulate_flow(config, progress=not args.no_progress)
     print(result["summary"], file=sys.stderr)
     return EXIT_ROW_ERRORS if result["errors"] else EXIT_OK

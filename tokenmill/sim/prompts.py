@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tokenmill.errors import TemplateError
 from tokenmill.models.family import detect_family
 from tokenmill.models.gguf_info import ModelInfo
@@ -25,6 +27,8 @@ class AgentPrompts:
             "scenario": spec.scenario.strip(),
             "locations": [{"name": loc.name, "description": loc.description} for loc in spec.locations],
             "agents": [a.name for a in spec.agents],
+            "max_chars": spec.memory.max_chars,
+            "example": example_action(spec),
         }
         # What changes must come after the persona, or the engine could not reuse the stable part.
         first = spec.agents[0]
@@ -70,6 +74,13 @@ class AgentPrompts:
                               [x.text[:m.max_chars] for x in memories], observation)
         self.last_text = text  # the user message, before the chat template (flows.bench_simulate replays it)
         return self.wrap(text)
+
+
+def example_action(spec: Spec) -> str:
+    """A complete, short action for the prompt's stable part (the same for every agent): a small
+    model copies the shape, and the end, of what it is shown."""
+    to = spec.agents[1].name if len(spec.agents) > 1 else spec.agents[0].name
+    return json.dumps({"action": "say", "target": to, "content": "Good morning! Any news today?", "importance": 3})
 
 
 def transcript(spec: Spec, events: list[dict], reflections: list[dict]) -> str:

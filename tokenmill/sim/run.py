@@ -24,7 +24,8 @@ from tokenmill.sim.checkpoint import StepStore, frame, read_run_info, write_run_
 from tokenmill.sim.memory import INITIAL, OBSERVATION, REFLECTION, MemoryStream
 from tokenmill.sim.prompts import AgentPrompts, transcript
 from tokenmill.sim.spec import Spec, SpecError, load_spec
-from tokenmill.sim.world import Action, World, action_schema, describe, parse_action, reflection_schema, step_seed
+from tokenmill.sim.world import (Action, World, action_schema, describe, parse_action, reflection_schema,
+                                 reply_tokens, step_seed)
 from tokenmill.usage import Prices, RunStats
 
 INITIAL_IMPORTANCE = 5
@@ -96,6 +97,9 @@ class Simulation:
         self.reflect_schema = reflection_schema(self.spec)
         self.reflect_grammar, self.validate_reflect = grammar(self.reflect_schema), Validator(self.reflect_schema)
         self._act_rules: dict[tuple, tuple[str, Validator]] = {}
+        s = self.spec.sampling
+        self.max_tokens = {"act": s.max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "act"),
+                           "reflect": s.reflect_max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "reflect")}
         self.store = StepStore(self.out)
         self.world = World(self.spec)
         self.streams = {a.name: MemoryStream(a.name) for a in self.spec.agents}
@@ -112,34 +116,50 @@ class Simulation:
     def identity(self) -> dict:
         return {"spec_hash": self.spec.identity(), "model_sha256": self.model_sha}
 
-    def open(self) -> int:
-        """Take the output folder, copy a fork's steps, restore committed state; returns the last committed step."""
-        self.model_sha = model_sha256(self.model_path)
+    def check(self) -> Path | None:
+        """Refuse, before anything is written or loaded, a fork without a usable source or new folder
+        and a folder holding a run of another spec; returns the fork's source (None: no fork)."""
         c = self.config
+        source = None
         if c.fork_from is not None:
             source = Path(c.fork_source) if c.fork_source else default_out(c.spec)
             if source.resolve() == self.out.resolve():
                 raise InputError(f"--fork-from {c.fork_from} needs a new --out (it is the run being forked, {source})")
             if not (source / "steps").is_dir():
                 raise InputError(f"--fork-from {c.fork_from}: {source} holds no simulation run; name it with --from")
+            have = StepStore(source).committed()
+            if c.fork_from not in have:
+                raise InputError(f"--fork-from {c.fork_from}: {source} has no committed step {c.fork_from} "
+                                 f"(its last committed step is {have[-1] if have else None})")
             mine = read_run_info(self.out)
             if StepStore(self.out).committed() and not (mine and mine.get("fork_step") == c.fork_from):
                 raise InputError(f"--fork-from {c.fork_from}: {self.out} already holds another run; choose a new --out")
             self._check_fork_compatible(source)
-        self.store.prepare()
-        self.lock = OutputLock(self.out)
-        self.lock.acquire()
         info = read_run_info(self.out)
         if info is not None and info.get("spec_hash") != self.spec.identity():
-            self.close()
             raise InputError(f"{self.out} holds a run of another spec or options ({info.get('spec')}); rerun it "
                              "with the same spec, model, seed and temperature, or start a what-if with "
                              "--fork-from K --out NEW")
+        self.model_sha = self.model_sha or model_sha256(self.model_path)  # cached after the first time
         if info is not None and info.get("model_sha256") != self.model_sha:
-            self.close()
             raise InputError(f"{self.out} was run with another model (sha256 {info.get('model_sha256', '?')[:12]}); "
                              "use the same --model or another --out")
-        if info is None:
+        return source
+
+    def open(self) -> int:
+        """Take the output folder, copy a fork's steps, restore committed state; returns the last committed step."""
+        self.model_sha = model_sha256(self.model_path)
+        c = self.config
+        source = self.check()
+        self.store.prepare()
+        self.lock = OutputLock(self.out)
+        self.lock.acquire()
+        try:
+            source = self.check()  # again, now that no other run can write here
+        except BaseException:
+            self.close()
+            raise
+        if read_run_info(self.out) is None:
             write_run_info(self.out, {**self.identity(), "spec": str(c.spec), "name": self.spec.name,
                                       "forked_from": str(source) if c.fork_from is not None else None,
                                       "fork_step": c.fork_from})
@@ -216,7 +236,7 @@ class Simulation:
         self._next_index += 1
         req = GenerationRequest(
             index=self._next_index, prompt=prompt,
-            max_tokens=s.max_tokens if purpose == "act" else s.reflect_max_tokens,
+            max_tokens=self.max_tokens[purpose],
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
             seed=step_seed(self.spec.seed, agent, step, purpose), session=f"{self.spec.name}/{agent}",
             grammar=self.act_rules(agent)[0] if purpose == "act" else self.reflect_grammar)

@@ -55,8 +55,10 @@ class Sampling(_Strict):
     top_k: int = Field(default=40, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     min_p: float = Field(default=0.05, ge=0, le=1)
-    max_tokens: int = Field(default=80, ge=8)  # one action
-    reflect_max_tokens: int = Field(default=96, ge=8)  # one reflection
+    # None: the longest reply the grammar allows (world.reply_tokens), so no reply is cut; a lower
+    # value saves KV cells, and a reply cut at it makes that agent wait that step, with the reason
+    max_tokens: Optional[int] = Field(default=None, ge=8)  # one action
+    reflect_max_tokens: Optional[int] = Field(default=None, ge=8)  # one reflection
 
 
 class Memory(_Strict):
@@ -64,7 +66,9 @@ class Memory(_Strict):
     retrieve: int = Field(default=3, ge=0, le=50)  # more, by recency + importance + relevance
     reflect_every: int = Field(default=3, ge=0)  # steps between reflections; 0: never
     insights: int = Field(default=2, ge=1, le=5)  # most insights one reflection stores
-    max_chars: int = Field(default=140, ge=20, le=1000)  # of a memory in a prompt, and of what an agent says
+    # of what an agent says or does (the grammar's maxLength: it ends every reply), of an insight,
+    # and of a memory in a prompt
+    max_chars: int = Field(default=80, ge=20, le=1000)
     max_observations: int = Field(default=6, ge=1, le=50)  # events perceived per step, most important first
     recency_decay: float = Field(default=0.9, gt=0, le=1)  # per step
 

@@ -24,12 +24,15 @@ def step_seed(seed: int, *parts) -> int:
 def action_schema(spec: Spec, here: str, present: list[str]) -> dict:
     """JSON Schema of one agent's action at one step: one alternative per action, each allowing only
     targets that make sense now (a person here to speak to, another place to go), so every reply
-    the grammar lets through is an action the world can apply."""
+    the grammar lets through is an action the world can apply.
+
+    `content` is bounded by `memory.max_chars` (maxLength), so the grammar itself ends every reply:
+    after that many characters only the closing quote is allowed, and `reply_tokens` bounds the
+    whole reply. The converter spells maxLength as nested optionals; that made each reply take
+    minutes while the grammar was applied to the whole vocabulary at every token, but the engine
+    now samples first and asks the grammar about the chosen token only, so it costs little."""
     importance = {"type": "integer", "enum": IMPORTANCE, "description": "how much it matters, 1-10"}
-    # No maxLength: the converter spells it as max_chars nested optionals, and llama.cpp's grammar
-    # stacks over such a rule made one 36-token reply take minutes on 2 cores. Length is bounded by
-    # max_tokens instead, and content is cut to memory.max_chars when applied.
-    text = {"type": "string"}
+    text = {"type": "string", "maxLength": spec.memory.max_chars}
 
     def option(action: str, targets: list[str], content: dict) -> dict:
         return {"type": "object", "properties": {"action": {"type": "string", "enum": [action]},
@@ -51,12 +54,25 @@ def reflection_schema(spec: Spec) -> dict:
     return {
         "type": "object",
         "properties": {
-            "insights": {"type": "array", "items": {"type": "string", "minLength": 12},
+            "insights": {"type": "array", "items": {"type": "string", "minLength": 12,
+                                                    "maxLength": spec.memory.max_chars},
                          "minItems": 1, "maxItems": spec.memory.insights},
             "importance": {"type": "integer", "enum": IMPORTANCE},
         },
         "required": ["insights", "importance"],
     }
+
+
+def reply_tokens(spec: Spec, count_tokens, purpose: str) -> int:
+    """The most tokens a reply the grammar allows can take (a character per token in the free
+    text, which no ordinary text reaches): the default max_tokens, so no reply is cut."""
+    n = spec.memory.max_chars
+    if purpose == "act":
+        longest = max([loc.name for loc in spec.locations] + [a.name for a in spec.agents], key=len)
+        shell = json.dumps({"action": "move", "target": longest, "content": "", "importance": 10})
+        return count_tokens(shell) + n + 2
+    shell = json.dumps({"insights": [""] * spec.memory.insights, "importance": 10})
+    return count_tokens(shell) + spec.memory.insights * n + 2
 
 
 @dataclass
