@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run the job a spec declares, now: the spec becomes its command line "
-                    "(python -m flows.<task> INPUT --option ...), which runs as if typed. The spec's "
+        description="Run the job a spec declares, now: the spec becomes its command line\n"
+                    "(python -m flows.<task> INPUT --option ...), which runs as if typed. The spec's\n"
                     "schedule is ignored here; python -m flows.deploy serves it.",
     )
     p.add_argument("spec", metavar="SPEC", help="job spec (.yaml), e.g. jobs/articles-nightly.yaml")

@@ -121,7 +121,11 @@ def test_a_simulation_spec_is_not_a_job_spec():
 def test_unknown_key_is_refused_naming_file_and_key(tmp_path):
     path = write(tmp_path, "j.yaml", {"task": "summarize", "input": "a.csv", "max_token": 8})
     message = error_of(path)
-    assert str(path) in message and "unknown key 'max_token'" in message and "max_tokens" in message
+    assert str(path) in message and "unknown key 'max_token'; did you mean 'max_tokens'?" in message
+    path = write(tmp_path, "k.yaml", {"task": "summarize", "input": "a.csv",
+                                      "schedule": {"cron": "0 2 * * *", "timzone": "UTC"}})
+    message = error_of(path)
+    assert "unknown key 'schedule.timzone'; did you mean 'timezone'? (a schedule takes: cron, interval" in message
 
 
 def test_wrong_type_names_the_key(tmp_path):

@@ -15,10 +15,12 @@ relative to the current folder, like the command line's. Every error names the f
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import re
 import shlex
+import textwrap
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -313,8 +315,7 @@ def load_job_spec(path_text: str | Path, overrides: list[str] | tuple[str, ...] 
         err = exc.errors()[0]
         where = _where(err["loc"])
         if err["type"] == "extra_forbidden":
-            known = ", ".join([*SPEC_KEYS, *_actions(task)])
-            raise JobSpecError(f"job spec {path}{sets}: unknown key '{where}' (a {task} spec takes: {known})") from None
+            raise JobSpecError(f"job spec {path}{sets}: unknown key '{where}'{_suggest(task, err['loc'])}") from None
         if err["type"] == "missing":
             raise JobSpecError(f"job spec {path}{sets}: key '{where}' is required") from None
         msg = err["msg"].removeprefix("Value error, ")
@@ -324,12 +325,21 @@ def load_job_spec(path_text: str | Path, overrides: list[str] | tuple[str, ...] 
                    schedule=model.schedule, options=options, overrides=overrides)
 
 
-def spec_keys_help() -> str:
+def _suggest(task: str, loc: tuple) -> str:
+    """`; did you mean 'max_tokens'?` and the keys that are allowed where the unknown key stands."""
+    known = list(Schedule.model_fields) if loc[0] == "schedule" and len(loc) == 2 else [*SPEC_KEYS, *_actions(task)]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    where = "a schedule" if known[0] == "cron" else f"a {task} spec"
+    return f"{hint} ({where} takes: {', '.join(known)})"
+
+
+def spec_keys_help(width: int = 100) -> str:
     """The keys each task's spec takes, for --help."""
-    lines = ["job spec keys (YAML; a key is the command's option name with underscores):",
-             "  every task: name (default: the file's stem), task, description, input, "
-             "schedule {cron | interval, timezone}"]
-    for task in TASKS:
-        keys = [k for k in _actions(task) if k != "input"]
-        lines.append(f"  {task}: " + ", ".join(keys))
+    rows = [("every task", "name (default: the file's stem), task, description, input, "
+                           "schedule {cron | interval, timezone}")]
+    rows += [(task, ", ".join(k for k in _actions(task) if k != "input")) for task in TASKS]
+    lines = ["job spec keys (YAML; a key is the command's option name with underscores):"]
+    for label, keys in rows:
+        lines += textwrap.wrap(keys, width, initial_indent=f"  {label}: ", subsequent_indent="    ")
     return "\n".join(lines)
