@@ -143,6 +143,13 @@ def main(args: argparse.Namespace) -> int:
           f"{n['evaluated_step_2']}, step {last} {n[f'evaluated_step_{last}']} ({n['evaluated_tokens']} in all)")
     print(f"speed: {speedup:.2f}x the naive loop (target >= 3x); step {last} / step 2 evaluated prompt tokens: "
           f"batched {growth:.2f} (target <= 1.2), naive {n[f'evaluated_step_{last}'] / max(n['evaluated_step_2'], 1):.2f}")
+    e = (sim.stats.engine if sim.stats else None) or {}
+    if e:
+        print("batched engine time: " + ", ".join(
+            f"{k} {e[k]:.1f} s" if isinstance(e[k], float) else f"{k} {e[k]}"
+            for k in ("prompt_tokens", "prompt_s", "generated_tokens", "generate_s", "decode_calls", "sample_s",
+                      "jump_forward_s", "text_s", "admit_s", "idle_s", "grammar_samples", "grammar_rejections")
+            if k in e))
     print(f"results in {out}")
     return 0
 
