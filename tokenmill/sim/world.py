@@ -64,15 +64,19 @@ def reflection_schema(spec: Spec) -> dict:
 
 
 def reply_tokens(spec: Spec, count_tokens, purpose: str) -> int:
-    """The most tokens a reply the grammar allows can take (a character per token in the free
-    text, which no ordinary text reaches): the default max_tokens, so no reply is cut."""
+    """The most tokens a reply the grammar allows can take, counting a token per character of free
+    text (digits are; no ordinary text takes more) and per optional space the grammar lets in
+    after each piece of JSON syntax: the default max_tokens, so no reply is cut."""
     n = spec.memory.max_chars
     if purpose == "act":
         longest = max([loc.name for loc in spec.locations] + [a.name for a in spec.agents], key=len)
-        shell = json.dumps({"action": "move", "target": longest, "content": "", "importance": 10})
-        return count_tokens(shell) + n + 2
-    shell = json.dumps({"insights": [""] * spec.memory.insights, "importance": 10})
-    return count_tokens(shell) + spec.memory.insights * n + 2
+        shell, texts = json.dumps({"action": "move", "target": longest, "content": "", "importance": 10},
+                                  separators=(",", ":")), 1
+    else:
+        shell, texts = json.dumps({"insights": [""] * spec.memory.insights, "importance": 10},
+                                  separators=(",", ":")), spec.memory.insights
+    spaces = sum(shell.count(c) for c in '{}[],:"')  # `space ::= " "?` follows each of these
+    return count_tokens(shell) + spaces + texts * n + 2
 
 
 @dataclass
