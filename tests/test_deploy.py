@@ -120,6 +120,8 @@ def stack(tmp_path_factory):
            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
            "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
     procs: list[subprocess.Popen] = []
+    paused: dict[str, object] = {}
+    stopped: dict[str, bool] = {}  # process -> whether it exited on Ctrl-C
     try:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -134,9 +136,14 @@ def stack(tmp_path_factory):
         _wait_until(lambda: True if _deployment(stack, "summarize/other") else None, 180,
                     f"the served deployments (see {serve_log})")
         yield stack
+        # the serve process first, as a user stops it: on Ctrl-C it pauses its schedules on the server
+        stopped["flows.deploy"] = _stop(stack["serve"])
+        paused = {name: getattr(_deployment(stack, name), "paused", None)
+                  for name in ["summarize/nightly", "summarize/other"]}
     finally:
-        # the serve process first (it pauses its schedules on the server), then the server
-        stopped = {" ".join(proc.args[1:4]): _stop(proc) for proc in reversed(procs)}
+        for proc, name in reversed(list(zip(procs, ["prefect server", "flows.deploy"]))):
+            if name not in stopped:
+                stopped[name] = _stop(proc)
         deadline = time.monotonic() + 10  # the last children may take a moment to exit
         while (left := _ours(str(home))) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -148,6 +155,7 @@ def stack(tmp_path_factory):
                 pass
         assert described == {}, f"still running after Ctrl-C to the serve process and the server: {described}"
         assert all(stopped.values()), f"did not exit on Ctrl-C within 30 s: {stopped}"
+        assert set(paused.values()) <= {True}, f"schedules still active after the serve process stopped: {paused}"
 
 
 def _client(stack):
