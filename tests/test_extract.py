@@ -109,10 +109,19 @@ def test_repair_plan_asks_again_with_the_validators_message_then_gives_up():
     assert last.text == "still no" and stubborn.calls == 2  # the last reply stands; parsing makes it an error
 
 
+# A schema the small default model can meet without a grammar (it writes a JSON object with a
+# "name" first, but rarely all eight restaurant fields right): real rows must come out ok.
+NAME_ONLY = {"type": "object", "properties": {"name": {"type": "string", "description": "the restaurant's name"}},
+             "required": ["name"]}
+
+
 @pytest.fixture(scope="module")
 def without_grammar(run_flow, e2e_csv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("nogrammar") / "out"
-    result = run_flow("extract", str(e2e_csv), "--column", "ref", "--schema", str(SPEC), "--limit", "8",
+    tmp = tmp_path_factory.mktemp("nogrammar")
+    schema = tmp / "name.json"
+    schema.write_text(json.dumps(NAME_ONLY))
+    out = tmp / "out"
+    result = run_flow("extract", str(e2e_csv), "--column", "ref", "--schema", str(schema), "--limit", "8",
                       "--no-grammar", "--max-retries", "2", "--out", str(out), "--no-cache")
     return result, out
 
@@ -122,15 +131,18 @@ def test_without_grammar_every_ok_row_is_valid_and_failures_used_every_try(witho
     assert result.returncode in (0, 3), result.stderr
     df = pl.read_parquet(out / "results.parquet")
     assert df.height == 8 and set(df["calls"].to_list()) <= {1, 2, 3}
-    schema, _ = load_schema(str(SPEC))
+    # not a test of failures only (measured: 1 row of 8 ok; the others run past --max-tokens)
+    assert (df["status"] == "ok").sum() >= 1, df.select("status", "calls", "error")
     for row in df.iter_rows(named=True):
         if row["status"] == "ok":
-            jsonschema.validate(json.loads(row["raw_output"]), schema)
+            jsonschema.validate(json.loads(row["raw_output"]), NAME_ONLY)
+            assert row["extracted"]["name"] == json.loads(row["raw_output"])["name"]
         else:  # three tries, and the last invalid reply is kept with the validator's message
             assert row["calls"] == 3 and row["raw_output"] is not None
             assert row["error"].startswith("could not parse the model's output"), row["error"]
     usage = pl.read_parquet(out / "usage.parquet").row(0, named=True)
     assert usage["prompt_tokens"] == df["prompt_tokens"].sum()  # every try is counted
+    assert usage["calls"] == df["calls"].sum()
     params = json.loads(usage["params"])
     assert params["grammar"] is None and params["repair"][0] == 2
 

@@ -176,13 +176,16 @@ def test_cli_extract_with_gpt4all_validates_and_retries_without_grammar(run_flow
 
     import jsonschema
 
-    from tests.conftest import DATASETS, REPO
+    from tests.conftest import DATASETS
+    from tests.test_extract import NAME_ONLY
     from tokenmill.schema import load_schema
 
     e2e = DATASETS / "e2e" / "dev.csv"
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
-    spec = REPO / "jobs" / "restaurants.yaml"
+    # a schema the small default model meets without a grammar (tests/test_extract.py, NAME_ONLY)
+    spec = tmp_path / "name.json"
+    spec.write_text(json.dumps(NAME_ONLY))
     out = tmp_path / "out"
     result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(spec), "--limit", "3",
                       "--backend", "gpt4all", "--max-retries", "1", "--max-tokens", "120", "--out", str(out),
@@ -191,6 +194,7 @@ def test_cli_extract_with_gpt4all_validates_and_retries_without_grammar(run_flow
     df = pl.read_parquet(out / "results.parquet")
     schema, _ = load_schema(str(spec))
     assert df.height == 3 and set(df["calls"].to_list()) <= {1, 2}
+    assert (df["status"] == "ok").sum() >= 1, df.select("status", "calls", "error")  # not failures only
     for row in df.iter_rows(named=True):
         if row["status"] == "ok":
             jsonschema.validate(json.loads(row["raw_output"]), schema)
