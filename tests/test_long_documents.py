@@ -100,13 +100,13 @@ def test_summaries_that_cannot_be_combined_fail_clearly():
 
 @pytest.fixture(scope="module")
 def long_input(tmp_path_factory, info):
-    """A ~20,000-word document of consecutive SciTLDR abstracts, between two ordinary rows."""
+    """A ~8,000-word document of consecutive SciTLDR abstracts (about 6 parts at --n-ctx 2048), between two ordinary rows."""
     rows = scitldr_rows(200)
     paragraphs, words = [], 0
     for r in rows[2:]:
         paragraphs.append(r["text"])
         words += len(r["text"].split())
-        if words >= 20_000:
+        if words >= 8_000:
             break
     doc = "\n\n".join(paragraphs)
     path = tmp_path_factory.mktemp("long") / "long.parquet"
@@ -124,7 +124,7 @@ def long_run(run_flow, long_input, tmp_path_factory):
     return result, out
 
 
-def test_twenty_thousand_words_summarize_at_n_ctx_2048(long_run, long_input):
+def test_eight_thousand_words_summarize_in_parts_at_n_ctx_2048(long_run, long_input):
     result, out = long_run
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
