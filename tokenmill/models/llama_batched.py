@@ -560,13 +560,11 @@ class _Run:
             row.sampler = None
         if row in self.rows:
             self.rows.remove(row)
-            if not e._ctx:  # the engine may have been closed under a suspended generator
-                pass
-            elif keep and row.started and not e.kv_unified:
+            if keep and row.started and not e.kv_unified:
                 e._held[row.slot] = (row.tokens + row.text.tokens)[: row.n_past]
                 e._releases += 1
                 e._last_used[row.slot] = e._releases
-            else:
+            elif e._ctx:  # the engine may have been closed under a suspended generator
                 llama_cpp.llama_memory_seq_rm(e._mem, row.slot, -1, -1)
             self.free.append(row.slot)
 
