@@ -43,7 +43,7 @@ def run_batched(spec: Path, out: Path, progress: bool):
     calls, steps = [], []
     sim = Simulation(SimConfig(spec=str(spec), out=str(out)))
     sim.on_prompt = lambda step, agent, purpose, req: calls.append(
-        {"step": step, "agent": agent, "purpose": purpose, "text": sim.prompts.last_text, "request": req})
+        {"step": step, "agent": agent, "purpose": purpose, "messages": sim.prompts.last_messages, "request": req})
     t0 = time.perf_counter()
     sim.run(progress=progress, on_step=steps.append)
     wall = time.perf_counter() - t0
@@ -92,7 +92,7 @@ def run_naive(sim: Simulation, calls: list[dict], progress: bool) -> tuple[float
         evaluated.clear()
         t = time.perf_counter()
         reply = llm.create_chat_completion(
-            messages=[{"role": "user", "content": call["text"]}], grammar=grammars[req.grammar],
+            messages=call["messages"], grammar=grammars[req.grammar],
             max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
             min_p=req.min_p, seed=req.seed, repeat_penalty=req.repeat_penalty)
         usage = reply["usage"]

@@ -31,7 +31,7 @@ TASK_VARIABLES: dict[str, set[str]] = {
     "extract": {"schema", "fields"},
     # flows.simulate also passes the world and the agent's state; the shipped templates treat those as optional
     "simulate": {"agent", "memory", "observation", "world", "persona", "goals", "now", "location", "present",
-                 "purpose"},
+                 "purpose", "recall", "part"},
     "reduce": {"summaries"},
     "repair": {"error", "output"},
 }

@@ -67,6 +67,9 @@ class ModelSettings:
     tensor_split: list[float] | None = None
     backend: str = "llama"  # llama (continuous batching) | llama-simple | gpt4all
     jump_forward: bool = True  # llama: append tokens a row's grammar forces without sampling them
+    # llama, isolated streams: the cells each stream starts with; 0: small (llama_load.FIRST_STREAM_CELLS),
+    # grown when a longer row comes, which drops what the slots hold (see LlamaBatchedBackend)
+    stream_cells: int = 0
 
 
 def default_threads() -> int:

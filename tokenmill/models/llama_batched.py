@@ -111,7 +111,8 @@ class LlamaBatchedBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         try:
             self._ctx, self.n_batch, self.n_seq, self.row_ctx = create_context(
-                settings, self._model, self.kv_unified, self.n_gpu_layers, self.n_threads, FIRST_STREAM_CELLS)
+                settings, self._model, self.kv_unified, self.n_gpu_layers, self.n_threads,
+                settings.stream_cells or FIRST_STREAM_CELLS)
         except ModelError:
             self.close()
             raise

@@ -28,7 +28,7 @@ SCHEMAS = {
     "llm_calls": {"step": pl.Int64, "agent": pl.String, "purpose": pl.String, "prompt_tokens": pl.Int64,
                   "cached_tokens": pl.Int64, "completion_tokens": pl.Int64, "latency_ms": pl.Float64,
                   "seed": pl.Int64, "status": pl.String, "error": pl.String, "finish_reason": pl.String,
-                  "raw_output": pl.String},
+                  "raw_output": pl.String, "turn": pl.String, "fresh": pl.Boolean, "shown": pl.List(pl.Int64)},
     "memories": {"agent": pl.String, "step": pl.Int64, "kind": pl.String, "text": pl.String,
                  "importance": pl.Int64, "index": pl.Int64},
     "agents": {"step": pl.Int64, "agent": pl.String, "location": pl.String, "memories": pl.Int64,
@@ -96,7 +96,7 @@ class StepStore:
         files = [f for f in files if f.exists()]
         if not files:
             return frame(table, [])
-        return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
 
     def merge(self, checkpoint_every: int) -> None:
         """Rewrite the top-level tables from every committed step."""

@@ -84,5 +84,19 @@ class MemoryStream:
         chosen += [i for _s, _n, i in sorted(scored)[:k]]
         return [self.items[i] for i in sorted(chosen)]
 
+    def recall(self, step: int, query: str, k: int, decay: float, pool) -> list[MemoryItem]:
+        """The `k` best-scoring memories (as in `retrieve`) for which `pool(memory)` holds and that
+        share a word with `query`, oldest first: what comes back to an agent in a turn of its chat
+        (context.py), of which the turn writes those the chat does not show yet."""
+        q = words(query)
+        scored = []
+        for i, m in enumerate(self.items):
+            w = self._words[i]
+            if not (q & w) or not pool(m):
+                continue
+            relevance = len(q & w) / math.sqrt(len(q) * len(w))
+            scored.append((-round(decay ** max(0, step - m.step) + m.importance / 10 + relevance, 9), -i, i))
+        return [self.items[i] for i in sorted(i for _s, _n, i in sorted(scored)[:k])]
+
     def latest(self, n: int) -> list[MemoryItem]:
         return self.items[-n:] if n else []

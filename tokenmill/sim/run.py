@@ -20,6 +20,7 @@ from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
 from tokenmill.pool import ModelWorker, supports_grammar
 from tokenmill.schema import Validator, grammar
+from tokenmill.sim.context import AgentContext, Turn, restore_contexts
 from tokenmill.sim.checkpoint import StepStore, frame, read_run_info, write_run_info
 from tokenmill.sim.memory import INITIAL, OBSERVATION, REFLECTION, MemoryStream
 from tokenmill.sim.prompts import AgentPrompts, transcript
@@ -93,16 +94,19 @@ class Simulation:
         self.out = Path(config.out) if config.out else default_out(config.spec)
         self.model_path = resolve_model(self.spec.model.path)
         self.info = ModelInfo(self.model_path)
-        self.prompts = AgentPrompts(self.spec, self.info, config.prompt, config.prompt_family)
         self.reflect_schema = reflection_schema(self.spec)
         self.reflect_grammar, self.validate_reflect = grammar(self.reflect_schema), Validator(self.reflect_schema)
         self._act_rules: dict[tuple, tuple[str, Validator]] = {}
         s = self.spec.sampling
         self.max_tokens = {"act": s.max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "act"),
                            "reflect": s.reflect_max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "reflect")}
+        self.prompts = AgentPrompts(self.spec, self.info, config.prompt, config.prompt_family, self.max_tokens)
         self.store = StepStore(self.out)
         self.world = World(self.spec)
         self.streams = {a.name: MemoryStream(a.name) for a in self.spec.agents}
+        self.contexts = {a.name: AgentContext() for a in self.spec.agents}  # each agent's running chat
+        self.own: dict[str, tuple[int, str]] = {}  # agent -> (step, its own event of that step, as remembered)
+        self._turns: dict[tuple[str, str], Turn] = {}  # (agent, purpose) -> the turn of the call in flight
         self.model_sha = ""
         self.worker: ModelWorker | None = None
         self.lock: OutputLock | None = None
@@ -192,6 +196,9 @@ class Simulation:
         self.streams = {name: MemoryStream(name) for name in self.world.names}
         for m in memories.iter_rows(named=True):
             self.streams[m["agent"]].add(m["step"], m["kind"], m["text"], m["importance"])
+        self.contexts = restore_contexts(self.world.names, self.store.load("llm_calls", upto=upto).to_dicts())
+        events = self.store.load("events", upto=upto).filter(pl.col("step") == upto)
+        self.own = {e["agent"]: (upto, describe(e)) for e in events.iter_rows(named=True)}
 
     def _commit_initial(self) -> None:
         for a in self.spec.agents:
@@ -213,7 +220,8 @@ class Simulation:
         slots = self.config.n_seq or min(len(self.spec.agents), 16)
         n_ctx = self.spec.model.n_ctx
         total = n_ctx * (slots + 1) if self.config.backend == "llama" else n_ctx
-        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
+        # streams as large as a chat may grow from the start: growing them later drops what slots hold
+        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, stream_cells=n_ctx,
                              n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend)
 
     def start(self) -> str:
@@ -232,7 +240,10 @@ class Simulation:
 
     def _request(self, step: int, agent: str, purpose: str) -> GenerationRequest:
         s = self.spec.sampling
-        prompt = self.prompts.for_agent(self.world, self.streams[agent], step, purpose)
+        seen = step - 1 if purpose == "act" else step
+        own = self.own[agent][1] if self.own.get(agent, (None,))[0] == seen else None
+        prompt, self._turns[agent, purpose] = self.prompts.next_prompt(
+            self.world, self.streams[agent], step, purpose, self.contexts[agent], own, self.spec.model.n_ctx)
         self._next_index += 1
         req = GenerationRequest(
             index=self._next_index, prompt=prompt,
@@ -257,7 +268,9 @@ class Simulation:
 
     def _call_row(self, step, agent, purpose, req, c: Completion, error: str | None) -> dict:
         self.stats.add_generation(c)
-        return {"step": step, "agent": agent, "purpose": purpose, "prompt_tokens": c.prompt_tokens,
+        turn = self._turns.pop((agent, purpose))
+        self.contexts[agent].record(turn, c.text if error is None else None)
+        return {"turn": turn.text, "fresh": turn.fresh, "shown": turn.shown, "step": step, "agent": agent, "purpose": purpose, "prompt_tokens": c.prompt_tokens,
                 "cached_tokens": c.cached_tokens, "completion_tokens": c.completion_tokens,
                 "latency_ms": c.queue_ms + c.prompt_ms + c.decode_ms, "seed": req.seed,
                 "status": "error" if error else "ok", "error": error, "finish_reason": c.finish_reason,
@@ -284,6 +297,7 @@ class Simulation:
             calls.append(self._call_row(step, name, "act", requests[name], completions[name], error))
             actions[name] = parse_action(name, value, self.spec.memory.max_chars) if value else Action.waiting(name, f"error: {error}")
         events = self.world.apply(step, actions)
+        self.own = {e["agent"]: (step, describe(e)) for e in events}
         new_memories = []
         for event in events:
             text = describe(event)
@@ -382,5 +396,7 @@ class Simulation:
             for a in self.spec.agents:
                 for text in a.memories:
                     self.streams[a.name].add(0, INITIAL, text, INITIAL_IMPORTANCE)
-        step = max(last, 0) + 1
-        return self.prompts.for_agent(self.world, self.streams[self.world.names[0]], step, "act")
+        step, name = max(last, 0) + 1, self.world.names[0]
+        own = self.own[name][1] if self.own.get(name, (None,))[0] == step - 1 else None
+        return self.prompts.next_prompt(self.world, self.streams[name], step, "act", self.contexts[name], own,
+                                        self.spec.model.n_ctx)[0]
