@@ -1,11 +1,14 @@
 """Benchmark: `python -m flows.bench_simulate [--agents 8] [--steps 20]`.
 
-Runs the simulation (all agents' calls of a step in one batch through the batched engine, each
-agent's stable prefix first) and, in the same run, a naive loop over the very same prompts: one
-`Llama.create_chat_completion` per agent per step, the whole conversation rebuilt every time, as
+Runs the simulation (all agents' calls of a step in one batch through the batched engine; each
+agent's prompt is its running chat, so the engine continues from what the agent's slot holds)
+and, in the same process, a naive loop over the very same prompts: one
+`Llama.create_chat_completion` per agent per step with the agent's whole chat sent every time, as
 agent frameworks do (llama-cpp-python still reuses whatever prefix the previous call left in its
-single context). Same grammar, sampling and seeds. Prints both wall times, the prompt tokens
-evaluated at steps 2 and N for both, and the ratios; writes OUT/bench_simulate.parquet.
+single context, which is another agent's). Same model, grammar, max_tokens, sampling and seeds.
+`--naive single` also times a loop over one prompt per call rebuilt from the same state (persona,
+retrieved memories, perception), as stateless frameworks build it. Prints the wall times, the
+prompt tokens evaluated at steps 2 and N, and the ratios; writes OUT/bench_simulate.parquet.
 """
 
 from __future__ import annotations
@@ -42,8 +45,15 @@ def bench_spec(source: Path, agents: int, steps: int, folder: Path) -> Path:
 def run_batched(spec: Path, out: Path, progress: bool):
     calls, steps = [], []
     sim = Simulation(SimConfig(spec=str(spec), out=str(out)))
-    sim.on_prompt = lambda step, agent, purpose, req: calls.append(
-        {"step": step, "agent": agent, "purpose": purpose, "messages": sim.prompts.last_messages, "request": req})
+
+    def on_prompt(step, agent, purpose, req):
+        chat = sim.prompts.last_messages  # what the simulation sent: the agent's chat
+        single = sim.prompts.next_prompt(sim.world, sim.streams[agent], step, purpose)  # the same state, one prompt
+        calls.append({"step": step, "agent": agent, "purpose": purpose, "chat": chat,
+                      "single": sim.prompts.last_messages, "request": req})
+        sim.prompts.last_messages = chat
+
+    sim.on_prompt = on_prompt
     t0 = time.perf_counter()
     sim.run(progress=progress, on_step=steps.append)
     wall = time.perf_counter() - t0
@@ -66,7 +76,7 @@ class _Formatter:
         return ChatFormatterResponse(prompt=prompt, stop=[self.chat.eos_token] if self.chat.eos_token else None)
 
 
-def run_naive(sim: Simulation, calls: list[dict], progress: bool) -> tuple[float, list[dict]]:
+def run_naive(sim: Simulation, calls: list[dict], progress: bool, prompts: str) -> tuple[float, list[dict]]:
     from llama_cpp import LlamaGrammar
     from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
     from tqdm import tqdm
@@ -92,7 +102,7 @@ def run_naive(sim: Simulation, calls: list[dict], progress: bool) -> tuple[float
         evaluated.clear()
         t = time.perf_counter()
         reply = llm.create_chat_completion(
-            messages=call["messages"], grammar=grammars[req.grammar],
+            messages=call[prompts], grammar=grammars[req.grammar],
             max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
             min_p=req.min_p, seed=req.seed, repeat_penalty=req.repeat_penalty)
         usage = reply["usage"]
@@ -109,11 +119,14 @@ def main(args: argparse.Namespace) -> int:
     sim_out = out / "run"
     if sim_out.exists():
         raise SystemExit(f"{sim_out} exists: the benchmark needs a fresh folder (--out)")
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     sim, calls, steps, batched_wall, llm_calls = run_batched(spec, sim_out, not args.no_progress)
-    batched_steps_s = sum(s["seconds"] for s in steps)
-    naive_wall, naive = run_naive(sim, calls, not args.no_progress)
-    naive_df = pl.DataFrame(naive)
-    batched = llm_calls.with_columns((pl.col("prompt_tokens") - pl.col("cached_tokens")).alias("evaluated_tokens"))
+    loops = [("batched", llm_calls.with_columns((pl.col("prompt_tokens") - pl.col("cached_tokens")).alias("evaluated_tokens")),
+              sum(s["seconds"] for s in steps))]
+    for prompts in args.naive:
+        wall, naive = run_naive(sim, calls, not args.no_progress, prompts)
+        loops.append((f"naive-{prompts}", pl.DataFrame(naive), wall))
+        write_atomic(loops[-1][1], out / f"naive_{prompts}_calls.parquet")
 
     def at(df: pl.DataFrame, step: int, act_only: bool = False) -> int:
         df = df.filter(pl.col("step") == step)
@@ -123,26 +136,30 @@ def main(args: argparse.Namespace) -> int:
 
     last = args.steps
     rows = []
-    for name, df, wall in (("batched", batched, batched_steps_s), ("naive", naive_df, naive_wall)):
+    for name, df, wall in loops:
         rows.append({"loop": name, "agents": args.agents, "steps": args.steps, "calls": df.height, "wall_s": wall,
                      "prompt_tokens": int(df["prompt_tokens"].sum()), "evaluated_tokens": int(df["evaluated_tokens"].sum()),
                      "completion_tokens": int(df["completion_tokens"].sum()),
                      "evaluated_step_2": at(df, 2), f"evaluated_step_{last}": at(df, last),
-                     "act_evaluated_step_2": at(df, 2, True), f"act_evaluated_step_{last}": at(df, last, True)})
-    table = pl.DataFrame(rows)
-    write_atomic(table, out / "bench_simulate.parquet")
-    write_atomic(naive_df, out / "naive_calls.parquet")
-    b, n = rows
-    speedup = n["wall_s"] / b["wall_s"]
+                     "act_evaluated_step_2": at(df, 2, True), f"act_evaluated_step_{last}": at(df, last, True),
+                     "act_evaluated_by_step": [at(df, s, True) for s in range(1, last + 1)]})
+    write_atomic(pl.DataFrame(rows), out / "bench_simulate.parquet")
+    b = rows[0]
     growth = b[f"evaluated_step_{last}"] / max(b["evaluated_step_2"], 1)
-    print(f"{args.agents} agents x {args.steps} steps, {b['calls']} calls each way, model {sim.info.name}, device {sim.stats.device}")
+    print(f"{args.agents} agents x {args.steps} steps, {b['calls']} calls each way, model {sim.info.name}, "
+          f"device {sim.stats.device}")
     print(f"batched engine (simulation steps): {b['wall_s']:.1f} s wall ({batched_wall:.1f} s with model load and "
           f"commits); prompt tokens evaluated: step 2 {b['evaluated_step_2']}, step {last} {b[f'evaluated_step_{last}']} "
           f"(of {b['prompt_tokens']} prompt tokens, {b['evaluated_tokens']} evaluated in all)")
-    print(f"naive create_chat_completion loop: {n['wall_s']:.1f} s wall; prompt tokens evaluated: step 2 "
-          f"{n['evaluated_step_2']}, step {last} {n[f'evaluated_step_{last}']} ({n['evaluated_tokens']} in all)")
-    print(f"speed: {speedup:.2f}x the naive loop (target >= 3x); step {last} / step 2 evaluated prompt tokens: "
-          f"batched {growth:.2f} (target <= 1.2), naive {n[f'evaluated_step_{last}'] / max(n['evaluated_step_2'], 1):.2f}")
+    print(f"  act prompt tokens evaluated, steps 1-{last}: {' '.join(map(str, b['act_evaluated_by_step']))}")
+    print("  seconds per step: " + " ".join(f"{s['seconds']:.1f}" for s in steps))
+    for n in rows[1:]:
+        print(f"{n['loop']} create_chat_completion loop ({NAIVE[n['loop'][6:]]}): {n['wall_s']:.1f} s wall; prompt "
+              f"tokens evaluated: step 2 {n['evaluated_step_2']}, step {last} {n[f'evaluated_step_{last}']} "
+              f"({n['evaluated_tokens']} in all)")
+        print(f"  speed: batched {n['wall_s'] / b['wall_s']:.2f}x the {n['loop']} loop (target >= 3x); step {last} / "
+              f"step 2 evaluated prompt tokens: naive {n[f'evaluated_step_{last}'] / max(n['evaluated_step_2'], 1):.2f}")
+    print(f"step {last} / step 2 evaluated prompt tokens, batched: {growth:.2f} (target <= 1.2)")
     e = (sim.stats.engine if sim.stats else None) or {}
     if e:
         print("batched engine time: " + ", ".join(
@@ -150,8 +167,13 @@ def main(args: argparse.Namespace) -> int:
             for k in ("prompt_tokens", "prompt_s", "generated_tokens", "generate_s", "decode_calls", "sample_s",
                       "jump_forward_s", "text_s", "admit_s", "idle_s", "grammar_samples", "grammar_rejections")
             if k in e))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"results in {out}")
     return 0
+
+
+NAIVE = {"chat": "each call sends the agent's whole chat, the very messages the simulation sent",
+         "single": "each call sends one prompt rebuilt from the same state: persona, retrieved memories, perception"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default=str(REPO / "jobs" / "harbor.yaml"), help="spec to take agents from (default jobs/harbor.yaml)")
     p.add_argument("--agents", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--naive", nargs="*", choices=sorted(NAIVE), default=["chat"],
+                   help="naive loops to time against the batched run: chat (the very messages the simulation "
+                        "sent, default), single (one prompt rebuilt from the same state per call); none: batched only")
     p.add_argument("--out", help="folder for the run and bench_simulate.parquet (default: a new temporary folder)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true")

@@ -121,6 +121,15 @@ def test_the_stable_prefix_stays_in_the_engine_cache_across_steps(run_a):
     assert (later["cached_tokens"] >= 200).all(), later.select("step", "agent", "cached_tokens")
     per_step = later.group_by("step").agg((pl.col("prompt_tokens") - pl.col("cached_tokens")).sum().alias("evaluated"))
     assert per_step["evaluated"].max() < later.group_by("step").agg(pl.col("prompt_tokens").sum())["prompt_tokens"].min()
+    # each agent's prompt is its chat: a call that adds a turn continues from all its previous call held
+    # (prompt and reply) and evaluates only the new turn
+    every = pl.read_parquet(run_a / "llm_calls.parquet").sort("step", pl.col("purpose") != "act")
+    for agent in every["agent"].unique():
+        rows = every.filter(pl.col("agent") == agent).to_dicts()
+        for before, row in zip(rows, rows[1:]):
+            if not row["fresh"]:
+                assert row["cached_tokens"] >= before["prompt_tokens"] - 1, (before, row)
+                assert row["prompt_tokens"] - row["cached_tokens"] < 250, row
 
 
 @SIM_MODEL
@@ -234,6 +243,52 @@ def test_the_shipped_spec_and_template_keep_the_stable_part_first():
     assert abs(len(tok(late)) - len(tok(early))) < 0.5 * len(tok(early))  # memories are bounded, not the whole log
     assert resolve_model(None) == sim.model_path
     assert not Path("/nonexistent/never-written").exists()
+
+
+def test_each_agents_prompt_is_its_previous_prompt_and_reply_plus_one_turn_and_restarts_when_full():
+    """No model run: the chats (tokenmill/sim/context.py) built step by step with stand-in replies."""
+    from tokenmill.sim.context import restore_contexts
+    from tokenmill.sim.run import SimConfig, Simulation
+    from tokenmill.sim.world import Action, describe
+
+    sim = Simulation(SimConfig(spec=str(SPEC), out="/nonexistent/never-written", n_ctx=1024))
+    for a in sim.spec.agents:
+        for text in a.memories:
+            sim.streams[a.name].add(0, "initial", text, 5)
+    names, rows, last, grew, fresh_later = sim.world.names, [], {}, [], []
+    for step in range(1, 9):
+        actions = {}
+        for name in names:
+            own = sim.own.get(name, (None, None))
+            prompt, turn = sim.prompts.next_prompt(sim.world, sim.streams[name], step, "act", sim.contexts[name],
+                                                   own[1] if own[0] == step - 1 else None, 1024)
+            assert sim.info.count_tokens(prompt) + sim.max_tokens["act"] <= 1024
+            reply = json.dumps({"action": "do", "target": "none", "content": f"{name} works hard at step {step}",
+                                "importance": 4})
+            if step > 1 and not turn.fresh:
+                assert prompt.startswith(last[name])  # the chat only grows: the previous prompt and its reply come first
+                assert f"{name} did:" not in turn.text  # its own action is its reply, not news
+                grew.append(sim.info.count_tokens(prompt) - sim.info.count_tokens(last[name]))
+            elif step > 1:
+                fresh_later.append((step, name))
+                assert prompt.startswith(sim.prompts.render([{"role": "user", "content": sim.prompts.head(name)}])[:200])
+            rows.append({"step": step, "agent": name, "purpose": "act", "status": "ok", "raw_output": reply,
+                         "turn": turn.text, "fresh": turn.fresh, "shown": turn.shown})
+            sim.contexts[name].record(turn, reply)
+            last[name] = prompt + reply
+            actions[name] = Action(name, "do", None, f"{name} works hard at step {step}", 4)
+        events = sim.world.apply(step, actions)
+        sim.own = {e["agent"]: (step, describe(e)) for e in events}
+        for event in events:
+            for who in sim.world.perceivers(event):
+                sim.streams[who].add(step, "observation", describe(event), event["importance"])
+    # each later turn adds a bounded number of tokens (time, the others' actions, the request), not the persona
+    assert max(grew) < 200, grew
+    assert fresh_later, "at --n-ctx 1024 every chat fills within 8 steps and starts again"
+    # a resumed run rebuilds the very same chats from the committed rows
+    again = restore_contexts(names, rows)
+    for name in names:
+        assert again[name].messages(sim.prompts.head(name)) == sim.contexts[name].messages(sim.prompts.head(name))
 
 
 @SIM_MODEL

@@ -47,7 +47,7 @@ class Clock(_Strict):
 
 class Model(_Strict):
     path: Optional[str] = None  # a GGUF file; None: the embedded default model
-    n_ctx: int = Field(default=2048, ge=256)  # tokens one agent's call may use
+    n_ctx: int = Field(default=2048, ge=256)  # tokens one agent's chat may reach, reply included (sim/context.py)
 
 
 class Sampling(_Strict):
