@@ -7,11 +7,16 @@ How a run works:
 - Each step decodes the next token of every generating row, prefix tokens and prompt
   chunks of rows being admitted, up to n_batch tokens (see `_Run.plan_step`).
 - Requests are pulled only when a slot is free; a row waits until its KV cells fit.
-- Isolated mode keeps what a finished row leaves in its slot (its prompt and the tokens it
-  generated, `_held`), across rows and `generate` calls. A new row whose prompt begins with
-  tokens a free slot still holds is seated there and decodes only the rest, with no copy
-  (an agent's persona step after step, a repair turn, few-shot examples): the row reports
-  them as cached_tokens. A slot's old tokens are simply overwritten when it is reused, and a
+- Isolated mode keeps a finished row's prompt in its slot (`_held`), across rows and
+  `generate` calls. A new row whose prompt begins with tokens a free slot still holds is
+  seated there and decodes only the rest, with no copy (an agent's chat step after step, a
+  repair turn, few-shot examples): the row reports them as cached_tokens. The tokens it
+  generated are not kept: they were decoded one at a time, which rounds differently from a
+  prompt evaluation, so a row continuing from them would not give the text create_completion
+  gives for its prompt, and a resumed simulation would drift from an uninterrupted one (2 of
+  4 agents' first actions after a kill differed when they were kept). Their text mostly has
+  to be evaluated again anyway: the tokenizer splits a reply differently from how it was
+  sampled (measured: about 10 of 45 reply tokens matched). A slot's old tokens are simply overwritten when it is reused, and a
   new row prefers an empty slot, then the one used longest ago.
 - Jump-forward (`ModelSettings.jump_forward`, see jump_forward.py): after a grammar row
   samples a token, the tokens its grammar forces next are appended unsampled and decoded
@@ -553,8 +558,8 @@ class _Run:
         self.release(row, keep=error is None)
 
     def release(self, row: _Row, keep: bool = False) -> None:
-        """Give the row's slot back; `keep` (isolated mode, a row that ended well) leaves the
-        tokens it decoded in the slot for a later row that begins with them."""
+        """Give the row's slot back; `keep` (isolated mode, a row that ended well) leaves its
+        prompt's tokens in the slot for a later row that begins with them."""
         e = self.e
         if row.sampler is not None:
             row.sampler.free()
@@ -562,7 +567,8 @@ class _Run:
         if row in self.rows:
             self.rows.remove(row)
             if keep and row.started and not e.kv_unified:
-                e._held[row.slot] = (row.tokens + row.text.tokens)[: row.n_past]
+                e._held[row.slot] = row.tokens[: row.n_past]  # the prompt only (module docstring)
+                llama_cpp.llama_memory_seq_rm(e._mem, row.slot, len(e._held[row.slot]), -1)
                 e._releases += 1
                 e._last_used[row.slot] = e._releases
             elif e._ctx:  # the engine may have been closed under a suspended generator
