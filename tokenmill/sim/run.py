@@ -78,6 +78,16 @@ def effective_spec(config: SimConfig) -> Spec:
         raise SpecError(f"spec {config.spec} with the command line's options: {str(exc).splitlines()[0]}") from None
 
 
+def strict_grammar(schema: dict) -> str:
+    """The schema's grammar with no raw control characters inside strings (the converter lets a
+    newline in, which strict JSON parsers refuse), so every reply is strict JSON."""
+    text = grammar(schema)
+    loose = 'char ::= [^"\\\\]'
+    if loose not in text:
+        raise ValueError("the JSON grammar converter changed: no string char rule to tighten")
+    return text.replace(loose, 'char ::= [^"\\\\\\x00-\\x1F]')
+
+
 def default_out(spec_path: str) -> Path:
     path = Path(spec_path)
     return path.parent / f"{path.stem}.simulate"
@@ -95,7 +105,7 @@ class Simulation:
         self.model_path = resolve_model(self.spec.model.path)
         self.info = ModelInfo(self.model_path)
         self.reflect_schema = reflection_schema(self.spec)
-        self.reflect_grammar, self.validate_reflect = grammar(self.reflect_schema), Validator(self.reflect_schema)
+        self.reflect_grammar, self.validate_reflect = strict_grammar(self.reflect_schema), Validator(self.reflect_schema)
         self._act_rules: dict[tuple, tuple[str, Validator]] = {}
         s = self.spec.sampling
         self.max_tokens = {"act": s.max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "act"),
@@ -220,9 +230,12 @@ class Simulation:
         slots = self.config.n_seq or min(len(self.spec.agents), 16)
         n_ctx = self.spec.model.n_ctx
         total = n_ctx * (slots + 1) if self.config.backend == "llama" else n_ctx
-        # streams as large as a chat may grow from the start: growing them later drops what slots hold
+        # Streams as large as a chat may grow from the start: growing them later drops what slots hold.
+        # No jump-forward: it decodes a row's forced tokens in parts laid out by whatever else runs in
+        # that call, so a resumed run (whose first step evaluates whole chats and starts generating at
+        # other moments) drifted from an uninterrupted one; one token per row per call does not.
         return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, stream_cells=n_ctx,
-                             n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend)
+                             n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend, jump_forward=False)
 
     def start(self) -> str:
         self.stats = RunStats(model=self.info.name, model_sha256=self.model_sha, backend=self.config.backend)
@@ -235,7 +248,7 @@ class Simulation:
         key = (self.world.where[agent], tuple(self.world.present(agent)))
         if key not in self._act_rules:
             schema = action_schema(self.spec, *key)
-            self._act_rules[key] = (grammar(schema), Validator(schema))
+            self._act_rules[key] = (strict_grammar(schema), Validator(schema))
         return self._act_rules[key]
 
     def _request(self, step: int, agent: str, purpose: str) -> GenerationRequest:
