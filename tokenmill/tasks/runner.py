@@ -109,6 +109,7 @@ class TaskSpec:
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
+    template: bool = True  # rows are rendered with a task template (batch requests bring their own messages)
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
@@ -146,12 +147,14 @@ class Job:
         config.validate()
         self.config = config
         self.task = task
-        self.table = InputTable.open(Path(config.input), config.column, config.id_column, config.limit)
+        self.table = self.open_input()
         self.model_path = resolve_model(config.model)
         self.model_info = ModelInfo(self.model_path)
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
-        self.template = load_task_template(task.name, config.prompt, family=self.family)
-        self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
+        self.template = load_task_template(task.name, config.prompt, family=self.family) if task.template else None
+        if self.template is not None:
+            self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES,
+                                          TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
         available = set(self.table.columns) | STANDARD_VARIABLES
         # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
@@ -184,6 +187,10 @@ class Job:
         self.worker: ModelWorker | None = None  # see start_worker
         self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
         # (a template that cannot render the first row has failed here, before any generation)
+
+    def open_input(self) -> InputTable:
+        c = self.config
+        return InputTable.open(Path(c.input), c.column, c.id_column, c.limit)
 
     def describe_prompt(self) -> str:
         """What --show-prompt prints after the prompt itself."""
@@ -354,10 +361,10 @@ class Job:
             for slot, call in enumerate(new_calls):
                 index = next(ids)
                 calls[index] = (key, slot)
-                worker.submit(GenerationRequest(
-                    index=index, prompt=call.prompt, max_tokens=self.config.max_tokens,
-                    temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
-                    grammar=call.grammar))
+                worker.submit(GenerationRequest(**{
+                    "index": index, "prompt": call.prompt, "max_tokens": self.config.max_tokens,
+                    "temperature": self.config.temperature, "seed": self.config.seed, "stop": list(self.task.stop),
+                    "grammar": call.grammar, **call.options}))
 
         while True:
             while not exhausted and worker.in_flight < window:
