@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from flows._cli import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, common_parser, config_from_args, run_cli
@@ -35,14 +36,14 @@ __getattr__ = lazy_flow(batch, "batch", "batch_flow")
 
 def parser() -> argparse.ArgumentParser:
     p = common_parser(
-        PROG, "Answer an OpenAI Batch API request file (.jsonl: custom_id, method, url, body) with a local model. "
+        PROG, textwrap.fill("Answer an OpenAI Batch API request file (.jsonl: custom_id, method, url, body) with a local model. "
         "url /v1/chat/completions (messages rendered with the model's own chat template) or /v1/completions. "
         "A request's body fields (max_tokens / max_completion_tokens, temperature, top_p, seed, stop, "
         "response_format json_object or json_schema) win over the options below, which fill in what it leaves out; "
         "the body's model is recorded, --model decides what runs. A request with a field tokenmill does not "
         "support fails alone with an OpenAI-style error naming it. Writes OUT/output.jsonl (answered requests, "
         "OpenAI's batch output format, input order), OUT/errors.jsonl (failed requests), OUT/results.parquet, "
-        "OUT/usage.parquet and OUT/requests.parquet.",
+        "OUT/usage.parquet and OUT/requests.parquet.", 100),
         dataset=False, input_metavar="REQUESTS", input_help="OpenAI batch input file (.jsonl), one request a line")
     p.add_argument("--check", action="store_true",
                    help="check the file and list every problem with its line number, without loading a model")

@@ -272,3 +272,20 @@ def test_a_request_too_long_for_the_context_fails_alone(tmp_path):
     error = failed["response"]["body"]["error"]
     assert failed["custom_id"] == "long" and error["code"] == "context_length_exceeded"
     assert "--n-ctx" in error["message"]
+
+
+def test_a_job_spec_runs_a_request_file(tmp_path):
+    """`task: batch` in a job spec stands for the flows.batch command line, checked like it."""
+    from flows._specs import check
+    from tokenmill.jobspec import load_job_spec
+
+    spec_path = tmp_path / "batch.yaml"
+    spec_path.write_text(f"task: batch\ninput: {REQUESTS}\nmax_tokens: 8\nout: runs/b\n")
+    spec = load_job_spec(spec_path)
+    assert spec.command_line().startswith(f"python -m flows.batch {REQUESTS}") and "--max-tokens 8" in spec.command_line()
+    check(spec)  # options, request file, model and chat template, without writing anything
+    assert not (tmp_path / "runs").exists()
+    broken = _write(tmp_path, [json.dumps(GOOD), json.dumps(GOOD)])
+    spec_path.write_text(f"task: batch\ninput: {broken}\n")
+    with pytest.raises(Exception, match="line 2: custom_id 'a' is already used on line 1"):
+        check(load_job_spec(spec_path))
