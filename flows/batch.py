@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     code = cli_main(args, job_config(args), prepare_batch, batch, "batch")
     if not args.show_prompt:
         out = Path(args.out) if args.out else _default_out(args.input, "batch")
-        counts = [sum(1 for _ in (out / name).open()) for name in (OUTPUT_FILE, ERRORS_FILE)]
+        counts = [len((out / name).read_text(encoding="utf-8").splitlines()) for name in (OUTPUT_FILE, ERRORS_FILE)]
         print(f"{out / OUTPUT_FILE}: {counts[0]} answered; {out / ERRORS_FILE}: {counts[1]} failed", file=sys.stderr)
     return code
 
