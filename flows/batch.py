@@ -12,7 +12,8 @@ from flows._job import cli_main, lazy_flow, run_job
 from tokenmill.tasks.batch import prepare_batch
 from tokenmill.tasks.batch_output import ERRORS_FILE, OUTPUT_FILE
 from tokenmill.tasks.batch_requests import describe, read_requests
-from tokenmill.tasks.runner import JobConfig, _default_out
+from tokenmill.tasks.planner import _default_out
+from tokenmill.tasks.runner import JobConfig
 
 PROG = "python -m flows.batch"
 

@@ -264,10 +264,15 @@ def test_a_request_too_long_for_the_context_fails_alone(tmp_path):
 
     path = _write(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "custom_id": "long", "body": {
         **GOOD["body"], "max_tokens": 500, "messages": [{"role": "user", "content": "word " * 400}]}})])
-    job = prepare_batch(JobConfig(input=str(path), out=str(tmp_path / "out"), backend="echo", cache=False,
-                                  n_ctx=512, max_tokens=8, column="request", id_column="custom_id"))
-    stats = job.run(progress=False)
+    config = dict(input=str(path), out=str(tmp_path / "out"), backend="echo", cache=False, n_ctx=512, max_tokens=8,
+                  column="request", id_column="custom_id")
+    stats = prepare_batch(JobConfig(**config)).run(progress=False)
     assert stats.rows_error == 1
+    first = _lines(tmp_path / "out" / "errors.jsonl")
+    again = prepare_batch(JobConfig(**config))
+    assert not again.has_pending_rows()
+    again.run(progress=False)  # a rerun of a finished job reads no row: the refusal is found again
+    assert _lines(tmp_path / "out" / "errors.jsonl") == first
     assert [a["custom_id"] for a in _lines(tmp_path / "out" / "output.jsonl")] == ["a"]
     (failed,) = _lines(tmp_path / "out" / "errors.jsonl")
     error = failed["response"]["body"]["error"]

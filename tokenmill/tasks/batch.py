@@ -119,6 +119,17 @@ class BatchJob(Job):
             self.refusals[row[ROW]] = (exc.status, exc.error)
             raise
 
+    def refusal(self, index: int) -> tuple[int, dict] | None:
+        """(status, OpenAI error) of the request in row `index` if it cannot run. Planned again when
+        this run did not plan it (a rerun of a finished job reads no row)."""
+        if index not in self.refusals:
+            row = self.table.frame.with_row_index(ROW).row(index, named=True)
+            try:
+                self._plan(row)
+            except DoesNotFit:
+                pass
+        return self.refusals.get(index)
+
     def _plan_request(self, row: dict):
         if row["problem"] is not None:
             raise Refused(json.loads(row["problem"]))

@@ -19,7 +19,7 @@ from typing import IO
 import polars as pl
 
 from tokenmill.errors import OutputError
-from tokenmill.ledger import RESULTS_FILE
+from tokenmill.contract import RESULTS_FILE
 from tokenmill.tasks.batch_requests import CHAT
 
 OUTPUT_FILE, ERRORS_FILE = "output.jsonl", "errors.jsonl"
@@ -69,7 +69,7 @@ def write_outputs(job) -> tuple[int, int]:
                             "body": _body(row, request["url"], created, fingerprint)}
                 target, counts[0] = ok, counts[0] + 1
             else:
-                status, error = _failure(row, job.refusals.get(row["row"]))
+                status, error = _failure(row, job.refusal(row["row"]))
                 response = {"status_code": status, "request_id": request_id, "body": {"error": error}}
                 target, counts[1] = failed, counts[1] + 1
             target.write(json.dumps({**line, "response": response, "error": None}, ensure_ascii=False) + "\n")
