@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
         dataset=False, input_metavar="REQUESTS", input_help="OpenAI batch input file (.jsonl), one request a line")
     p.add_argument("--check", action="store_true",
                    help="check the file and list every problem with its line number, without loading a model")
+    for action in p._actions:  # the options a request's body overrides
+        if action.dest in ("max_tokens", "temperature", "seed"):
+            action.help = f"{action.help}; for requests whose body does not set it"
     p.epilog = EXIT_STATUS_HELP
     return p
 
@@ -76,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     code = cli_main(args, job_config(args), prepare_batch, batch, "batch")
     if not args.show_prompt:
         out = Path(args.out) if args.out else _default_out(args.input, "batch")
-        counts = [len((out / name).read_text(encoding="utf-8").splitlines()) for name in (OUTPUT_FILE, ERRORS_FILE)]
+        counts = [len((out / name).read_text(encoding="utf-8").splitlines()) if (out / name).exists() else 0
+                  for name in (OUTPUT_FILE, ERRORS_FILE)]
         print(f"{out / OUTPUT_FILE}: {counts[0]} answered; {out / ERRORS_FILE}: {counts[1]} failed", file=sys.stderr)
     return code
 
