@@ -109,6 +109,9 @@ def test_stop_sequences_cut_the_reply(batch_run):
     count = answered["stop-count"]
     assert count["finish_reason"] == "stop" and " 9" not in count["text"] and "\n" not in count["text"], count
     assert count["text"].startswith("7")  # the model counts on, and stops before " 9"
+    days = answered["stop-chat"]
+    assert days["finish_reason"] == "stop" and "Wednesday" not in days["message"]["content"], days
+    assert "Tuesday" in days["message"]["content"]  # it was listing the days when the stop string came
 
 
 def test_results_usage_and_requests_tables(batch_run, requests):
