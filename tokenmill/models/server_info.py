@@ -38,15 +38,40 @@ class ServerModelInfo:
             raise ModelError(f"cannot reach the model server {url}: {reason} (is it running?)") from None
         if listed.status_code != 200:
             raise ModelError(f"the model server {url} answered GET {self.base}/models with HTTP {listed.status_code}")
-        ids = [m.get("id") for m in (listed.json().get("data") or []) if isinstance(m, dict)]
+        entries = [m for m in (listed.json().get("data") or []) if isinstance(m, dict)]
+        ids = [m.get("id") for m in entries]
         self.model = model or (ids[0] if ids else "default")
+        # what the server says of the model beyond its name (llama-server: parameters, size, vocab)
+        self.model_meta = next((m.get("meta") for m in entries if m.get("id") == self.model), None)
         self.props: dict[str, Any] = self._json("GET", f"{self.root}/props") or {}
         self.kind = "llama-server" if self.props else "other"
         if self.kind == "other" and self._tokens_llama_cpp_python("x") is not None:
             self.kind = "llama-cpp-python"
+        self.digest = self._ollama_digest()
         self.metadata: dict[str, str] = {"general.name": self.model}
         if self.props.get("chat_template"):
             self.metadata["tokenizer.chat_template"] = str(self.props["chat_template"])
+
+    def _ollama_digest(self) -> str | None:
+        """Ollama names each model's content by digest (`/api/tags`); other servers have no such list."""
+        tags = self._json("GET", f"{self.root}/api/tags")
+        listed = tags.get("models") if isinstance(tags, dict) else None
+        for entry in listed or []:
+            if isinstance(entry, dict) and self.model in (entry.get("name"), entry.get("model")):
+                return entry.get("digest")
+        return None
+
+    @property
+    def identity(self) -> str:
+        """What row keys know the model by: a SHA-256 of the server's model id, its digest where the
+        server gives one (Ollama) and the model's description (llama-server's parameter count, size
+        and vocabulary), so a different model behind the same name gets new keys where the server
+        tells them apart."""
+        import hashlib
+        import json
+
+        described = {"model": self.model, "digest": self.digest, "meta": self.model_meta}
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
     def _json(self, method: str, url: str, body: dict | None = None) -> Any:
         try:
@@ -118,6 +143,10 @@ class ServerModelInfo:
     @property
     def name(self) -> str:
         return self.model
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 0  # the server holds the KV cache; its size is not tokenmill's to choose
 
     @property
     def n_ctx_train(self) -> int:

@@ -19,7 +19,7 @@ def extract_task(schema_path: str) -> TaskSpec:
     schema_text = json.dumps(schema, indent=2)
     return TaskSpec(
         name="extract", output_column="extracted", parse=Validator(schema), output_dtype=polars_dtype(schema),
-        grammar=grammar(schema), variables={"schema": schema_text, "fields": fields(schema)},
+        grammar=grammar(schema), json_schema=schema, variables={"schema": schema_text, "fields": fields(schema)},
         key={"schema_sha256": hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()},
     )
 

@@ -21,10 +21,10 @@ from tokenmill.errors import InputError, OutputError, TemplateError
 from tokenmill.io.parts import PartWriter, append_row, prepare_out_dir
 from tokenmill.io.readers import ROW, InputTable
 from tokenmill.ledger import RESULTS_FILE, Ledger, OutputLock, ResultCache, default_cache_dir
+from tokenmill.models import registry
 from tokenmill.models.base import GenerationRequest, ModelSettings
-from tokenmill.models.gguf_info import ModelInfo
-from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, make_worker, supports_grammar
+from tokenmill.models.reference import backend_for, open_model
+from tokenmill.pool import ModelWorker, make_worker
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
@@ -58,7 +58,8 @@ class JobConfig:
     n_seq: int = 0
     n_gpu_layers: int = -1
     n_threads: int = 0  # 0: every core (models.base.default_threads)
-    backend: str = "llama"
+    backend: str | None = None  # a name in tokenmill.models.registry; None: the model's default (llama, http)
+    backend_options: dict = field(default_factory=dict)  # checked by the backend's registry entry
     chunk_size: int = 32
     max_words: int = 40
     split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
@@ -106,6 +107,7 @@ class TaskSpec:
     output_dtype: Any = pl.String
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None  # GBNF constraining every row's output
+    json_schema: dict | None = None  # the schema the grammar was made from, for backends that take schemas
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
@@ -147,15 +149,18 @@ class Job:
         self.config = config
         self.task = task
         self.table = InputTable.open(Path(config.input), config.column, config.id_column, config.limit)
-        self.model_path = resolve_model(config.model)
-        self.model_info = ModelInfo(self.model_path)
+        self.model = open_model(config.model)  # resolved once: location, identity, tokenizer
+        self.backend = backend_for(self.model, config.backend)  # the registry's entry; never named here
+        self.backend_options = registry.validate_options(self.backend, config.backend_options)
+        self.model_path = self.model.path or self.model.location
+        self.model_info = self.model.info
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
         self.template = load_task_template(task.name, config.prompt, family=self.family)
         self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
         available = set(self.table.columns) | STANDARD_VARIABLES
         # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
-        self.use_grammar = bool(task.grammar) and config.grammar and supports_grammar(config.backend)
+        self.use_grammar = bool(task.grammar) and config.grammar and self.backend.constrains
         self.repair_template = None
         if task.grammar and not self.use_grammar:
             self.repair_template = load_task_template("repair", family=self.family)
@@ -168,15 +173,15 @@ class Job:
         if create_out:
             check_out_dir_task(self.out, task.name)
             prepare_out_dir(self.out)
-        self.model_sha = model_sha256(self.model_path)
+        self.model_sha = self.model.identity
         self.params = {
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
             "stop": task.stop, "task": task.name, "grammar": task.grammar if self.use_grammar else None, **task.key,
         }
         if self.repair_template is not None:
             self.params["repair"] = [config.max_retries, self.repair_template.source]
-        if (runtime := capability(config.backend, "runtime")) != DEFAULT_RUNTIME:  # other text: own keys
-            self.params["runtime"] = runtime
+        if self.backend.runtime != registry.DEFAULT_RUNTIME:  # other text: own keys
+            self.params["runtime"] = self.backend.runtime
         # a long text's parts depend on the context size; its result on the combining template
         self.split_params = {"split_n_ctx": config.n_ctx,
                              "reduce": self.reduce_template.source if self.reduce_template else None}
@@ -196,9 +201,9 @@ class Job:
         holds n_ctx x (slots + 1, the shared-prefix sequence)."""
         c = self.config
         slots = c.n_seq or self.default_slots()
-        total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
-        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, n_threads=c.n_threads,
-                             n_gpu_layers=c.n_gpu_layers, backend=c.backend)
+        return ModelSettings(model_path=str(self.model_path), n_ctx=self.backend.context_tokens(c.n_ctx, slots),
+                             n_seq=slots, n_threads=c.n_threads, n_gpu_layers=c.n_gpu_layers,
+                             backend=self.backend.name, options=self.backend_options)
 
     def default_slots(self) -> int:
         """Without --n-seq: as many slots (up to 16; more rows per step decode faster) as fit a
@@ -284,7 +289,7 @@ class Job:
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage."""
-        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.config.backend,
+        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
                          device="none (no rows generated)")
         if run_id:
             stats.run_id = run_id
@@ -357,7 +362,7 @@ class Job:
                 worker.submit(GenerationRequest(
                     index=index, prompt=call.prompt, max_tokens=self.config.max_tokens,
                     temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
-                    grammar=call.grammar))
+                    grammar=call.grammar, json_schema=self.task.json_schema if call.grammar else None))
 
         while True:
             while not exhausted and worker.in_flight < window:
