@@ -121,11 +121,11 @@ def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
         resolve_model(str(bad))
 
 
-ROWS = 4  # of the 10 SciTLDR abstracts: enough to compare, few enough for GPT4All's one row at a time
+ROWS = 10  # the 10 SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
 
 
 def _summarize(run_flow, data, out, *extra, timeout: float = 600):
-    result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "48", "--no-cache",
+    result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "24", "--no-cache",
                       "--limit", str(ROWS), *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
@@ -161,6 +161,19 @@ def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_
     gpt4all = _summarize(run_flow, scitldr_parquet, tmp_path / "gpt4all", "--model",
                          f"gpt4all:{homes['gguf'].name}", "--backend", "gpt4all", timeout=1800)
     _same_shape(gpt4all, direct)
+
+
+def test_the_same_rows_through_a_server_by_url(run_flow, scitldr_parquet, tmp_path, direct):
+    """--model http://127.0.0.1:PORT/v1 against llama-cpp-python's server on the default model: the
+    server counts the prompts (its usage) and the server's model gives the summaries."""
+    pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
+    from flows._servers import LoopbackServer
+
+    with LoopbackServer("llama-cpp-python", default_model_path(), tmp_path / "server.log") as server:
+        http = _summarize(run_flow, scitldr_parquet, tmp_path / "http", "--model", server.url)
+    _same_shape(http, direct)
+    usage = pl.read_parquet(tmp_path / "http" / "usage.parquet").row(-1, named=True)
+    assert usage["backend"] == "http" and server.url in usage["device"]
 
 
 def test_unknown_model_on_the_command_line_is_one_line(homes, run_cli_here, scitldr_parquet, tmp_path):

@@ -16,6 +16,7 @@ GGUF answers all four; a server answers what its API exposes:
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import httpx
@@ -27,7 +28,9 @@ from tokenmill.models.openai_http import parse_url
 class ServerModelInfo:
     """The subset of ModelInfo's interface a server can answer; `has_tokenizer` tells the rest."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    def __init__(self, url: str, timeout_s: float = 600.0):
+        # llama-cpp-python's server tokenizes behind the generations it is running (one lock):
+        # a tokenize call may wait as long as a row takes
         self.path = url
         self.base, self.root, model = parse_url(url)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
@@ -84,6 +87,25 @@ class ServerModelInfo:
         reply = self._json("POST", f"{self.root}/extras/tokenize", {"input": text, "model": self.model})
         return reply.get("tokens") if isinstance(reply, dict) else None
 
+    def _tokens(self, text: str, special: bool) -> list[int]:
+        """The server's tokens for `text`; a ModelError naming the URL when it does not answer."""
+        if self.kind == "llama-server":
+            url, body = f"{self.root}/tokenize", {"content": text, "add_special": special, "parse_special": special}
+        else:
+            url, body = f"{self.root}/extras/tokenize", {"input": text, "model": self.model}
+        try:
+            response = self._client.post(url, json=body)
+            tokens = response.json().get("tokens") if response.status_code == 200 else None
+        except httpx.HTTPError as exc:
+            raise ModelError(f"the model server {self.path} did not tokenize a prompt: "
+                             f"{str(exc).splitlines()[0][:200] or type(exc).__name__}") from None
+        except (ValueError, AttributeError):
+            tokens = None
+        if not isinstance(tokens, list):
+            raise ModelError(f"the model server {self.path} did not tokenize a prompt (POST {url} answered "
+                             f"HTTP {response.status_code})")
+        return tokens
+
     @property
     def has_tokenizer(self) -> bool:
         return self.kind in ("llama-server", "llama-cpp-python")
@@ -96,15 +118,7 @@ class ServerModelInfo:
     def tokenize(self, text: str) -> list[int]:
         """Tokens as the server feeds its model: BOS added when the model wants one, special tokens parsed."""
         self._require_tokenizer()
-        if self.kind == "llama-server":
-            reply = self._json("POST", f"{self.root}/tokenize",
-                               {"content": text, "add_special": True, "parse_special": True})
-            tokens = reply.get("tokens") if isinstance(reply, dict) else None
-        else:
-            tokens = self._tokens_llama_cpp_python(text)
-        if tokens is None:
-            raise ModelError(f"the model server {self.path} did not tokenize a prompt")
-        return tokens
+        return self._tokens(text, special=True)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -114,11 +128,12 @@ class ServerModelInfo:
         server can say so; llama-cpp-python's server always parses them)."""
         self._require_tokenizer()
         if self.kind == "llama-server":
-            reply = self._json("POST", f"{self.root}/tokenize",
-                               {"content": text, "add_special": False, "parse_special": False})
-            if isinstance(reply, dict) and "tokens" in reply:
-                return len(reply["tokens"])
-        return max(0, len(self.tokenize(text)) - len(self.tokenize("")))
+            return len(self._tokens(text, special=False))
+        return max(0, len(self.tokenize(text)) - self._empty_tokens)
+
+    @cached_property
+    def _empty_tokens(self) -> int:
+        return len(self.tokenize(""))
 
     @property
     def bos_token(self) -> str:
@@ -130,7 +145,7 @@ class ServerModelInfo:
 
     @property
     def adds_bos(self) -> bool:
-        return self.has_tokenizer and len(self.tokenize("")) > 0
+        return self.has_tokenizer and self._empty_tokens > 0
 
     @property
     def chat_template(self) -> str | None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from tokenmill.errors import InputError
-from tokenmill.schema import Validator, fields, grammar, load_schema, polars_dtype
+from tokenmill.schema import Validator, _for_converter, fields, grammar, load_schema, polars_dtype
 from tokenmill.tasks.runner import Job, JobConfig, TaskSpec
 
 
@@ -19,7 +19,10 @@ def extract_task(schema_path: str) -> TaskSpec:
     schema_text = json.dumps(schema, indent=2)
     return TaskSpec(
         name="extract", output_column="extracted", parse=Validator(schema), output_dtype=polars_dtype(schema),
-        grammar=grammar(schema), json_schema=schema, variables={"schema": schema_text, "fields": fields(schema)},
+        grammar=grammar(schema),
+        # for servers: the same schema with nullable enums and bounds spelt as anyOf, which every
+        # schema-to-grammar converter keeps (see schema._for_converter)
+        json_schema=_for_converter(schema), variables={"schema": schema_text, "fields": fields(schema)},
         key={"schema_sha256": hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()},
     )
 
