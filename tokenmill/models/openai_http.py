@@ -265,8 +265,6 @@ class OpenAIHTTPBackend:
             payload["stop"] = list(request.stop)
         messages = getattr(request, "messages", None)
         schema = request.json_schema
-        if messages is None and request.grammar and schema is None:
-            payload["grammar"] = request.grammar  # llama.cpp servers only; a schema is the portable form
         if schema is not None and style == "json_schema":
             payload["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "row", "schema": schema, "strict": True}}
@@ -276,8 +274,14 @@ class OpenAIHTTPBackend:
             payload["messages"] = messages
             return f"{self.base}/chat/completions", payload
         payload["prompt"] = request.prompt
-        if schema is not None and style is not None:
-            payload["json_schema"] = schema  # llama-server's own field on /completions
+        # A raw prompt goes to /completions, where OpenAI's API has no response_format. llama-server
+        # (and llamafile's) reads its own `json_schema` field there; llama-cpp-python's server reads
+        # a GBNF `grammar` (the request's, made from the same schema by the same converter). A server
+        # reads one of the two and refuses both together; others ignore unknown fields.
+        if schema is not None and style is not None and self.server == "llama-server":
+            payload["json_schema"] = schema
+        elif request.grammar:
+            payload["grammar"] = request.grammar
         return f"{self.base}/completions", payload
 
     def _post(self, request: GenerationRequest) -> tuple[dict, dict, dict]:
