@@ -114,8 +114,10 @@ BACKENDS: dict[str, BackendKind] = {kind.name: kind for kind in (
                 "for URLs); JSON Schemas go as its json_schema response format", "url", "json_schema", "http",
                 "server", False, HTTPOptions, _http),
     BackendKind("echo", "zero-cost, no model runs: a short text derived from the prompt (the shortest "
-                "grammar-valid text for extraction) with real token counts, for measuring overhead and "
+                "grammar-valid text for extraction), token counts estimated, for measuring overhead and "
                 "testing orchestration", "file", "grammar", "echo", "one", True, NoOptions, _echo),
+    BackendKind("echo-exact", "echo, counted by the model's real tokenizer", "file", "grammar", "echo", "one",
+                True, NoOptions, _echo),
 )}
 NAMES = tuple(BACKENDS)
 
