@@ -108,9 +108,10 @@ class Scheduler:
         for slot, call in enumerate(new_calls):
             index = next(self._ids)
             self.calls[index] = (key, slot)
-            self.worker.submit(GenerationRequest(
-                index=index, prompt=call.prompt, max_tokens=c.max_tokens, temperature=c.temperature, seed=c.seed,
-                stop=list(task.stop), grammar=call.grammar, json_schema=task.json_schema if call.grammar else None))
+            self.worker.submit(GenerationRequest(**{
+                "index": index, "prompt": call.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature,
+                "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar,
+                "json_schema": task.json_schema if call.grammar else None, **call.options}))
 
     def _complete(self, completion) -> None:
         key, slot = self.calls.pop(completion.index)

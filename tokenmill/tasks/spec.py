@@ -91,6 +91,7 @@ class TaskSpec:
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
+    template: bool = True  # rows are rendered with a task template (batch requests bring their own messages)
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
