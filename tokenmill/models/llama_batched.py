@@ -515,6 +515,7 @@ class _Run:
             return self.finish(row, "stop")  # the EOG token is not counted, as in create_completion
         if self.append(row, token):
             return
+        row.sampler.watch(row.text.data)  # a grammar row whose string repeats a phrase closes it next
         if row.grammar is not None:  # jump-forward: tokens the grammar forces next, unsampled
             row.forced = e.jump.forced_tokens(row.grammar, min(e.max_forced, row.req.max_tokens - len(row.text.tokens)))
             for tok in row.forced:

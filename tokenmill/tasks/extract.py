@@ -11,6 +11,7 @@ import json
 
 from tokenmill.errors import InputError
 from tokenmill.schema import Validator, fields, grammar, load_schema, polars_dtype
+from tokenmill.schema_budget import bound_strings
 from tokenmill.tasks.runner import Job, JobConfig, TaskSpec
 
 
@@ -19,9 +20,16 @@ def extract_task(schema_path: str) -> TaskSpec:
     schema_text = json.dumps(schema, indent=2)
     return TaskSpec(
         name="extract", output_column="extracted", parse=Validator(schema), output_dtype=polars_dtype(schema),
-        grammar=grammar(schema), variables={"schema": schema_text, "fields": fields(schema)},
+        grammar=lambda max_tokens, count: bounded_grammar(schema, max_tokens, count), variables={"schema": schema_text, "fields": fields(schema)},
         key={"schema_sha256": hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()},
     )
+
+
+def bounded_grammar(schema: dict, max_tokens: int, count_tokens) -> str:
+    """The schema's grammar with every string bounded so the longest reply fits `max_tokens`
+    (see tokenmill.schema_budget)."""
+    bounded, _budget = bound_strings(schema, max_tokens, count_tokens)
+    return grammar(bounded)
 
 
 def prepare_extract(config: JobConfig, create_out: bool = True) -> Job:

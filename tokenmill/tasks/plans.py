@@ -21,6 +21,7 @@ class Call:
 
     prompt: str
     grammar: str | None = None
+    repeat_penalty: float = 1.0
 
 
 Next = Union[list[Call], Completion]  # more calls to make, or the row's final completion
@@ -84,6 +85,25 @@ class Repair(SingleCall):
         if problem is None:
             return self.usage.merged(completion)
         return [Call(self._retry_prompt(completion.text or "", problem))]
+
+
+RETRY_REPEAT_PENALTY = 1.3  # the second try of a grammar row that ran out of tokens
+
+
+class RetryAtLimit(SingleCall):
+    """A grammar row that hit --max-tokens with unfinished JSON gets one more try with repetition
+    penalised; only then is it an error, keeping the raw text of that last try."""
+
+    def __init__(self, prompt: str, grammar: str | None, check: Callable[[str], str | None]):
+        super().__init__(prompt, grammar)
+        self._check = check
+
+    def feed(self, slot: int, completion: Completion) -> Next:
+        self.usage.calls.append(completion)
+        if (len(self.usage.calls) == 1 and completion.finish_reason == "length"
+                and self._check(completion.text or "") is not None):
+            return [Call(self._call.prompt, self._call.grammar, RETRY_REPEAT_PENALTY)]
+        return self.usage.merged(completion)
 
 
 class MapReduce:

@@ -28,7 +28,7 @@ from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, make_worker
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
-from tokenmill.tasks.plans import Call, MapReduce, Repair, SingleCall
+from tokenmill.tasks.plans import Call, MapReduce, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
 from tokenmill.usage import Prices, RunStats
 
@@ -105,7 +105,8 @@ class TaskSpec:
     parse: Callable[[str], Any] = str
     output_dtype: Any = pl.String
     stop: list[str] = field(default_factory=list)
-    grammar: str | None = None  # GBNF constraining every row's output
+    grammar: str | Callable[[int, Callable[[str], int]], str] | None = None  # GBNF constraining every row's
+    # output, or grammar(max_tokens, count_text_tokens) giving it once the model's tokenizer is known
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
@@ -150,6 +151,8 @@ class Job:
         self.model_path = resolve_model(config.model)
         self.model_info = ModelInfo(self.model_path)
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
+        if callable(task.grammar):
+            task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
         self.template = load_task_template(task.name, config.prompt, family=self.family)
         self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
@@ -357,7 +360,7 @@ class Job:
                 worker.submit(GenerationRequest(
                     index=index, prompt=call.prompt, max_tokens=self.config.max_tokens,
                     temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
-                    grammar=call.grammar))
+                    grammar=call.grammar, repeat_penalty=call.repeat_penalty))
 
         while True:
             while not exhausted and worker.in_flight < window:
@@ -443,7 +446,9 @@ class Job:
             if self.repair_template is not None:
                 return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
                                    attempts=c.max_retries + 1)
-            return key, SingleCall(prompt, self.task.grammar if self.use_grammar else None)
+            if self.use_grammar:
+                return key, RetryAtLimit(prompt, self.task.grammar, self._problem)
+            return key, SingleCall(prompt)
         if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
