@@ -40,7 +40,7 @@ TASKS = tuple(COMMANDS)
 # options that shape the console only: flows.run takes them on its own command line
 CONSOLE_ONLY = {"help", "show_prompt", "no_progress", "verbose", "debug"}
 SPEC_KEYS = ("name", "task", "description", "schedule")  # the keys that are not command options
-PATH_KEYS = {"input", "out", "cache", "fork_source", "schema"}  # always paths
+PATH_KEYS = {"input", "out", "cache", "fork_source", "schema", "examples"}  # always paths
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _OPTION = re.compile(r"--[a-z][a-z-]*")
 
@@ -152,6 +152,10 @@ def _field(key: str, action: argparse.Action) -> tuple[Any, Any]:
         kind = StrictStr
     if key == "schema":
         kind = Union[StrictStr, dict]  # a file, or the schema inline (then the spec file is the --schema)
+    if key == "merge":
+        kind = Union[StrictStr, dict]  # FIELD=RULE,... or a mapping of field to rule
+    if key == "examples":
+        kind = Union[StrictStr, list]  # a file, or the examples inline (then the spec file is --examples)
     alias = key if hasattr(BaseModel, key) else None
     if action.required or key == "input":
         return kind, Field(description=action.help, alias=alias)
@@ -202,8 +206,10 @@ class JobSpec:
             elif _is_switch(action):
                 if value == bool(action.const):  # store_true given true, store_false given false
                     args.append(longest)
-            elif key == "schema" and isinstance(value, dict):
-                args += [longest, str(self.path)]  # load_schema reads the spec's own `schema` key
+            elif (key == "schema" and isinstance(value, dict)) or (key == "examples" and isinstance(value, list)):
+                args += [longest, str(self.path)]  # load_schema / load_examples read the spec's own key
+            elif key == "merge" and isinstance(value, dict):
+                args += [longest, ",".join(f"{k}={v}" for k, v in value.items())]
             else:
                 args += [longest, str(value)]
         return args + list(console)

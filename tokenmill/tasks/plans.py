@@ -106,6 +106,37 @@ class RetryAtLimit(SingleCall):
         return self.usage.merged(completion)
 
 
+class MergeParts:
+    """Extract from each part of a long document with the grammar, then merge the parts' objects
+    field by field in Python (tasks/merge.py): no combining call."""
+
+    def __init__(self, part_prompts: list[str], grammar: str | None, merge: Callable[[list[str]], str]):
+        self.chunks = len(part_prompts)
+        self._calls = [Call(p, grammar) for p in part_prompts]
+        self._merge = merge
+        self._texts: list[str | None] = [None] * len(part_prompts)
+        self.usage = _Usage()
+
+    @property
+    def calls(self) -> int:
+        return len(self.usage.calls)
+
+    def start(self) -> list[Call]:
+        return list(self._calls)
+
+    def feed(self, slot: int, completion: Completion) -> Next:
+        self.usage.calls.append(completion)
+        if completion.finish_reason == "error":
+            return self.usage.merged(completion, error=f"part {slot + 1} of {self.chunks}: {completion.error}")
+        self._texts[slot] = completion.text or ""
+        if any(t is None for t in self._texts):
+            return []
+        try:
+            return self.usage.merged(completion, text=self._merge(self._texts))
+        except ValueError as exc:
+            return self.usage.merged(completion, error=f"merging {self.chunks} parts: {exc}")
+
+
 class MapReduce:
     """Summarize each part of a long document, then combine the partial summaries with the
     reduce prompt, in groups that fit the context, level by level until one summary is left."""

@@ -28,7 +28,7 @@ from tokenmill.pool import DEFAULT_RUNTIME, ModelWorker, capability, make_worker
 from tokenmill.models.family import FAMILIES, detect_family
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
-from tokenmill.tasks.plans import Call, MapReduce, Repair, RetryAtLimit, SingleCall
+from tokenmill.tasks.plans import Call, MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import CACHED, DUPLICATE, SKIPPED, finish, from_completion, results_schema
 from tokenmill.usage import Prices, RunStats
 
@@ -66,6 +66,8 @@ class JobConfig:
     grammar: bool = True  # extract: constrain output with the schema's grammar where the backend can
     max_retries: int = 2  # extract without grammar: new tries after an invalid reply
     schema: str | None = None  # extraction: a JSON Schema file or a job spec holding one
+    examples: str | None = None  # extraction: few-shot examples (tokenmill.examples), in the shared prefix
+    merge: str | dict | None = None  # extraction with split_long: per-field merge rules (tasks/merge.py)
     hang_timeout_s: float = 300.0
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
@@ -110,6 +112,7 @@ class TaskSpec:
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
+    merge: Callable[[list[str]], str] | None = None  # parts' replies merged in Python, not by a reduce prompt
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
@@ -164,7 +167,8 @@ class Job:
             self.repair_template = load_task_template("repair", family=self.family)
             self.repair_template.check_variables(available, TASK_VARIABLES["repair"])
         self.reduce_template = None
-        if task.splits and config.split_long:
+        self.splitting = task.splits and config.split_long
+        if self.splitting and task.merge is None:
             self.reduce_template = load_task_template("reduce", family=self.family)
             self.reduce_template.check_variables(available, TASK_VARIABLES["reduce"])
         self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
@@ -428,7 +432,7 @@ class Job:
         text = row.get(column)
         if text is None or (isinstance(text, str) and not text.strip()):
             raise DoesNotFit(f"column {column!r} is empty in this row")
-        splitting = self.reduce_template is not None
+        splitting = self.splitting
         hint = " (or let it be cut into parts: --split-long)" if self.task.splits and not splitting else ""
         parts_allowed = c.max_chunks if splitting else 1
         if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
@@ -454,7 +458,10 @@ class Job:
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
         parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
                              self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
-        plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
+        if self.task.merge is not None:
+            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None, self.task.merge)
+        else:
+            plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
         return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
 
     def _problem(self, reply: str) -> str | None:
