@@ -35,7 +35,8 @@ from pydantic import field_validator, model_validator
 from tokenmill.errors import TokenmillError
 
 # task -> the module whose parser() defines the task's options (and whose main() runs it)
-COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "simulate": "flows.simulate"}
+COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "tag": "flows.tag",
+            "simulate": "flows.simulate"}
 TASKS = tuple(COMMANDS)
 # options that shape the console only: flows.run takes them on its own command line
 CONSOLE_ONLY = {"help", "show_prompt", "no_progress", "verbose", "debug"}
@@ -154,6 +155,8 @@ def _field(key: str, action: argparse.Action) -> tuple[Any, Any]:
         kind = Union[StrictStr, dict]  # a file, or the schema inline (then the spec file is the --schema)
     if key == "merge":
         kind = Union[StrictStr, dict]  # FIELD=RULE,... or a mapping of field to rule
+    if key == "labels":
+        kind = Union[StrictStr, list, dict]  # a,b,c or a file, or the labels inline (then the spec is --labels)
     if key == "examples":
         kind = Union[StrictStr, list]  # a file, or the examples inline (then the spec file is --examples)
     alias = key if hasattr(BaseModel, key) else None
@@ -206,7 +209,8 @@ class JobSpec:
             elif _is_switch(action):
                 if value == bool(action.const):  # store_true given true, store_false given false
                     args.append(longest)
-            elif (key == "schema" and isinstance(value, dict)) or (key == "examples" and isinstance(value, list)):
+            elif ((key == "schema" and isinstance(value, dict)) or (key == "examples" and isinstance(value, list))
+                  or (key == "labels" and isinstance(value, (list, dict)))):
                 args += [longest, str(self.path)]  # load_schema / load_examples read the spec's own key
             elif key == "merge" and isinstance(value, dict):
                 args += [longest, ",".join(f"{k}={v}" for k, v in value.items())]

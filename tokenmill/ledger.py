@@ -26,7 +26,7 @@ REUSABLE = ("stop", "length")  # finish reasons whose raw output can be reused
 # The fields a reused result takes from the stored record; the rest is recomputed.
 STORED_FIELDS = ("row_key", "raw_output", "finish_reason", "error", "prompt_tokens", "cached_tokens",
                  "completion_tokens", "chunks", "calls", "latency_ms", "queue_ms", "prompt_ms", "decode_ms", "model", "produced",
-                 "run_id")
+                 "run_id", "confidence")
 
 
 def _records(frame: pl.DataFrame) -> list[dict]:

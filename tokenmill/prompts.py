@@ -33,6 +33,7 @@ TASK_VARIABLES: dict[str, set[str]] = {
     "simulate": {"agent", "memory", "observation", "world", "persona", "goals", "now", "location", "present",
                  "purpose"},
     "reduce": {"summaries"},
+    "tag": {"labels", "multi"},
     "repair": {"error", "output"},
 }
 

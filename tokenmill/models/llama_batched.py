@@ -549,6 +549,7 @@ class _Run:
             queue_ms=(row.t_admit - row.t_pulled) * 1000,
             prompt_ms=(end - row.t_admit) * 1000,
             decode_ms=(now - end) * 1000,
+            logprob=row.sampler.logprob if row.sampler is not None else None,
         ))
         self.release(row, keep=error is None)
 

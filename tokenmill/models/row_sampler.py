@@ -131,6 +131,7 @@ class RowSampler:
         # plain greedy (no penalty changes a logit): the best allowed token can be found without the chain
         self.greedy = req.temperature == 0 and req.repeat_penalty == 1.0
         self.closing = False  # a string repeats itself: end it with the best allowed `"` token (see watch)
+        self.logprob = 0.0 if req.logprobs and self.grammar is not None else None  # see _score
 
     def watch(self, text: bytes) -> None:
         """After each token of a grammar row: a JSON string that repeats a phrase is closed next."""
@@ -142,6 +143,8 @@ class RowSampler:
         if self.grammar is None:
             return llama_cpp.llama_sampler_sample(self.chain, ctx, idx)  # picks and accepts
         c = self.candidates
+        if self.logprob is not None:
+            return self._score(ctx, idx)
         if self.closing:
             self.closing = False
             token = c.best_closing(self.grammar, c.logits(ctx, idx))
@@ -163,6 +166,22 @@ class RowSampler:
             llama_cpp.llama_sampler_apply(self.grammar, cur)
             llama_cpp.llama_sampler_apply(self.chain, cur)
             token = c.selected()
+        self.accept(token)
+        return token
+
+    def _score(self, ctx, idx: int) -> int:
+        """Sample as usual from the grammar-allowed tokens, and add log p(chosen | allowed) (the
+        model's softmax renormalized over what the grammar allows: for a choice among labels, the
+        probability of the chosen one among them)."""
+        c = self.candidates
+        cur = c.fill(ctx, idx)
+        llama_cpp.llama_sampler_apply(self.grammar, cur)
+        logits = c.data["logit"].astype(np.float64)
+        allowed = np.isfinite(logits)
+        llama_cpp.llama_sampler_apply(self.chain, cur)
+        token = c.selected()
+        top = logits[allowed].max()
+        self.logprob += float(logits[token] - top - np.log(np.exp(logits[allowed] - top).sum()))
         self.accept(token)
         return token
 

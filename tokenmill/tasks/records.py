@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import polars as pl
@@ -15,7 +16,8 @@ from tokenmill.models.base import Completion
 GENERATED, CACHED, DUPLICATE, SKIPPED = "generated", "cached", "duplicate", "skipped"
 
 
-def results_schema(output_column: str, output_dtype: Any, id_dtype: Any) -> dict[str, Any]:
+def results_schema(output_column: str, output_dtype: Any, id_dtype: Any, confidence: bool = False) -> dict[str, Any]:
+    extra = {"confidence": pl.Float64} if confidence else {}  # tasks that ask for token probabilities (tag)
     return {
         "row": pl.Int64, "id": id_dtype, "row_key": pl.String, output_column: output_dtype,
         "status": pl.String, "error": pl.String, "finish_reason": pl.String, "raw_output": pl.String,
@@ -23,7 +25,7 @@ def results_schema(output_column: str, output_dtype: Any, id_dtype: Any) -> dict
         "prompt_tokens": pl.Int64, "cached_tokens": pl.Int64, "completion_tokens": pl.Int64,
         "chunks": pl.Int64, "calls": pl.Int64,
         "latency_ms": pl.Float64, "queue_ms": pl.Float64, "prompt_ms": pl.Float64, "decode_ms": pl.Float64,
-        "model": pl.String,
+        "model": pl.String, **extra,
     }
 
 
@@ -35,6 +37,7 @@ def from_completion(info: dict, c: Completion, model: str, run_id: str) -> dict:
         "latency_ms": c.queue_ms + c.prompt_ms + c.decode_ms, "queue_ms": c.queue_ms, "prompt_ms": c.prompt_ms,
         "decode_ms": c.decode_ms, "model": model, "run_id": run_id,
         "produced": GENERATED if c.finish_reason in REUSABLE or c.text is not None else SKIPPED,
+        "confidence": math.exp(c.logprob) if c.logprob is not None else None,
     }
 
 

@@ -68,6 +68,8 @@ class JobConfig:
     schema: str | None = None  # extraction: a JSON Schema file or a job spec holding one
     examples: str | None = None  # extraction: few-shot examples (tokenmill.examples), in the shared prefix
     merge: str | dict | None = None  # extraction with split_long: per-field merge rules (tasks/merge.py)
+    labels: str | None = None  # tag: comma-separated labels or a file listing them (tasks/tag.py)
+    multi: bool = False  # tag: several labels per row
     hang_timeout_s: float = 300.0
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
@@ -113,6 +115,7 @@ class TaskSpec:
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
     merge: Callable[[list[str]], str] | None = None  # parts' replies merged in Python, not by a reduce prompt
+    confidence: bool = False  # ask the backend for token log-probabilities: a `confidence` column (tag)
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
@@ -364,7 +367,7 @@ class Job:
                 worker.submit(GenerationRequest(
                     index=index, prompt=call.prompt, max_tokens=self.config.max_tokens,
                     temperature=self.config.temperature, seed=self.config.seed, stop=list(self.task.stop),
-                    grammar=call.grammar, repeat_penalty=call.repeat_penalty))
+                    grammar=call.grammar, repeat_penalty=call.repeat_penalty, logprobs=self.task.confidence))
 
         while True:
             while not exhausted and worker.in_flight < window:
@@ -480,5 +483,5 @@ class Job:
 
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
-        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype)
+        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
         return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
