@@ -51,18 +51,23 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096,
                    help="context tokens one row may use: prompt + --max-tokens must fit (default 4096)")
     p.add_argument("--n-seq", type=int, default=0,
-                   help="rows decoded together in one batch (default 0: as many, up to 16, as fit a 2 GiB KV cache; 16 for the default model); each gets its own --n-ctx of KV cache")
+                   help="rows decoded together in one batch (default 0: what `python -m flows.bench --calibrate` "
+                        "found best for the model on this machine, else as many, up to 16, as fit a 2 GiB KV cache; "
+                        "16 for the default model); each gets its own --n-ctx of KV cache")
     p.add_argument("--n-gpu-layers", type=int, default=-1,
                    help="layers to offload to a GPU (default -1: all when the build supports it)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for llama.cpp (default 0: every core). On a busy machine use fewer: llama.cpp "
-                        "slows down badly when its threads compete with other programs for cores")
+                   help="CPU threads for llama.cpp (default 0: what `python -m flows.bench --calibrate` found best "
+                        "for the model on this machine, else every core; either way no more than the cores other "
+                        "programs leave free when the job starts, since llama.cpp slows down badly when its "
+                        "threads compete with other programs for cores)")
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
                    help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
                         "llama-simple: one row at a time; gpt4all: one row at a time through GPT4All's "
                         "llama.cpp (no grammar support); echo: zero-cost, no model runs: a short text derived "
-                        "from the prompt (the shortest grammar-valid text for extraction) with real token "
-                        "counts, for measuring overhead and testing orchestration")
+                        "from the prompt (the shortest grammar-valid text for extraction), token counts "
+                        "estimated, for measuring overhead and testing orchestration; echo-exact: the same, "
+                        "counted by the model's real tokenizer")
     p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
     p.add_argument("--no-strip", dest="strip", action="store_false",
                    help="keep whitespace around outputs (a parsing option: rows are re-parsed, not regenerated)")

@@ -10,6 +10,8 @@
   time went. extract adds grammar rows against free rows on the same prompts.
 - startup: wall times of whole commands (a refused command, a one-row job, a rerun with
   nothing to do, W1 from the command line).
+- scale: tokenmill's own cost per row and its memory on the zero-cost echo backend, 1,000,000
+  rows by default (`python -m flows.bench scale --help`; flows/bench_scale.py).
 - `--peers`: also run ../shared/peers' llama-server script for the workload and print the ratio.
 Run it on a quiet machine: the load average is printed first.
 """
@@ -254,19 +256,34 @@ def startup_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:
+        from flows import bench_scale
+
+        return bench_scale.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m flows.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", nargs="?", choices=["summarize", "extract", "startup"], default="summarize")
+    p.add_argument("kind", nargs="?", choices=["summarize", "extract", "startup", "scale"], default="summarize")
     p.add_argument("--rows", type=int, help="rows to run (default 48 for summarize, 200 for extract)")
     p.add_argument("--max-tokens", type=int, help="default 64 for summarize, 160 for extract")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-seq", type=int, default=0, help="slots (default: the flows' default)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads for the engine (default: all cores; the bench wants a quiet machine)")
     p.add_argument("--grammar-rows", type=int, default=48, help="extract: rows for grammar against free rows")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure prefill and decode rates at several slot and thread counts (under a minute on the "
+                        "default model), print the table and store the best for this model and machine: jobs use "
+                        "it unless --n-seq or --threads say otherwise (flows/calibrate.py)")
+    p.add_argument("--model", help="--calibrate: the model (default: the embedded default model)")
     p.add_argument("--peers", action="store_true",
                    help="also run ../shared/peers (llama-server, llama-batched-bench) in the same sitting")
     args = p.parse_args(argv)
     args.load = os.getloadavg()[0]
+    if args.calibrate:
+        from flows.calibrate import calibrate
+
+        calibrate(args.model)
+        return 0
     if args.peers and not _peers.available():
         p.error("--peers: the peers are not set up; run ../shared/peers/setup.sh first")
     if args.kind == "startup":

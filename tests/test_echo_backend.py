@@ -1,5 +1,6 @@
-"""The zero-cost backend (`--backend echo`): replies at once, derived from the prompt, counted by
-the model's real tokenizer; max_tokens, stop strings and grammars honoured as the engines do."""
+"""The zero-cost backend (`--backend echo`): replies at once, derived from the prompt; max_tokens,
+stop strings and grammars honoured as the engines do. `echo-exact` counts with the model's real
+tokenizer, `echo` estimates (4 bytes a token)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def info() -> ModelInfo:
 
 @pytest.fixture(scope="module")
 def echo(info) -> EchoBackend:
-    return EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo"), info)
+    return EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,8 @@ def test_a_summarize_job_on_echo_runs_in_process_with_real_token_counts(tmp_path
 
     data = tmp_path / "in.parquet"
     pl.DataFrame(scitldr_rows(5)).write_parquet(data)
-    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), backend="echo", cache=False,
-                                      max_tokens=12))
+    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), backend="echo-exact",
+                                      cache=False, max_tokens=12))
     stats = job.run(progress=False)
     assert not multiprocessing.active_children()  # no worker process was started
     df = pl.read_parquet(tmp_path / "out" / "results.parquet")
@@ -134,7 +135,7 @@ def test_a_summarize_job_on_echo_runs_in_process_with_real_token_counts(tmp_path
     assert df["prompt_tokens"].to_list() == [len(info.tokenize(p)) for p in prompts]
     assert (df["completion_tokens"] <= 12).all() and set(df["finish_reason"]) <= {"stop", "length"}
     usage = pl.read_parquet(tmp_path / "out" / "usage.parquet").row(0, named=True)
-    assert usage["backend"] == "echo" and usage["device"].startswith("none")
+    assert usage["backend"] == "echo-exact" and usage["device"].startswith("none")
     assert json.loads(usage["params"])["runtime"] == "echo"  # its row keys never match a real model's
 
 
@@ -158,12 +159,12 @@ def test_the_worker_process_runs_echo_too(info, prompts):
     """A caller that uses a worker process (the simulation) gets the same replies."""
     from tokenmill.pool import ModelWorker
 
-    worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo"))
+    worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"))
     try:
         done = list(worker.run(GenerationRequest(i, p, max_tokens=20) for i, p in enumerate(prompts)))
     finally:
         worker.close()
-    here = EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo"), info)
+    here = EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info)
     expected = {c.index: (c.text, c.prompt_tokens, c.completion_tokens)
                 for c in here.generate(GenerationRequest(i, p, max_tokens=20) for i, p in enumerate(prompts))}
     assert {c.index: (c.text, c.prompt_tokens, c.completion_tokens) for c in done} == expected
@@ -179,3 +180,11 @@ def test_echo_is_chosen_by_option_or_environment_and_is_never_the_default():
                             capture_output=True, text=True)
     assert (plain.stdout.strip(), chosen.stdout.strip()) == ("llama", "echo"), plain.stderr + chosen.stderr
     assert parser().parse_args(["x", "--backend", "echo"]).backend == "echo"
+
+
+def test_plain_echo_estimates_counts_without_a_tokenizer(prompts):
+    plain = EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo"))
+    reply = _one(plain, prompts[0], max_tokens=200)
+    assert reply.prompt_tokens == 1 + (len(prompts[0].encode()) + 3) // 4
+    assert reply.completion_tokens == (len(reply.text.encode()) + 3) // 4
+    assert _one(plain, prompts[0], max_tokens=3).finish_reason == "length"

@@ -28,8 +28,10 @@ ECHO = {"max_tokens": 16, "chunk_size": 4}
 
 _DIE_AFTER_TWO_PARTS = """
 import os, sys
+from tokenmill.tasks import sink
 from tokenmill.tasks.runner import JobConfig
 from tokenmill.tasks.summarize import prepare_summarize
+sink.MAX_PART_ROWS, sink.CALLBACK_S = 4, 0  # a part, and a callback, every 4 rows
 job = prepare_summarize(JobConfig(input=sys.argv[1], out=sys.argv[2], backend="echo", cache=False,
                                   max_tokens=16, chunk_size=4))
 parts = []

@@ -18,8 +18,7 @@ import polars as pl
 import pytest
 
 from tokenmill.io.parts import append_row
-from tokenmill.ledger import RESULTS_FILE
-from tokenmill.tasks.records import CACHED, DUPLICATE, GENERATED, SKIPPED, results_schema
+from tokenmill.contract import CACHED, DUPLICATE, GENERATED, RESULTS_FILE, SKIPPED, results_schema
 from tokenmill.usage import Prices, RunStats
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
-BACKENDS = ("llama", "llama-simple", "gpt4all", "echo")
+BACKENDS = ("llama", "llama-simple", "gpt4all", "echo", "echo-exact")
 
 # What sets the backends apart. `grammar`: whether a request's grammar constrains generation
 # (without it the backend ignores the grammar and the caller validates the output instead).
@@ -30,6 +30,7 @@ CAPABILITIES: dict[str, dict] = {
     "gpt4all": {"grammar": False, "runtime": "gpt4all", "in_process": False},
     # zero-cost: replies derived from the prompt, for overhead and orchestration (models/echo.py)
     "echo": {"grammar": True, "runtime": "echo", "in_process": True},
+    "echo-exact": {"grammar": True, "runtime": "echo", "in_process": True},  # echo, counted by the real tokenizer
 }
 DEFAULT_RUNTIME = "llama-cpp-python"
 
@@ -60,7 +61,7 @@ def make_backend(settings: ModelSettings, tokenizer=None):
         from tokenmill.models.gpt4all_backend import Gpt4AllBackend
 
         return Gpt4AllBackend(settings)
-    if settings.backend == "echo":
+    if settings.backend in ("echo", "echo-exact"):
         from tokenmill.models.echo import EchoBackend
 
         return EchoBackend(settings, tokenizer)

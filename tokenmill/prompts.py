@@ -128,6 +128,11 @@ def chat_template_for(metadata: Mapping[str, str], family: str | None = None,
         raise TemplateError(f"cannot read chat template {label}: {exc}") from None
 
 
+# Texts that a template which transforms message content (trim, escape, case, first-message
+# rules) would change or place differently; one_turn relies on a template that changes none.
+_PROBES = ("tokenmill-probe-A", " \n  Tokenmill probe <b>&'\"{{ x }}</b>\n\n ", "\u00e9\u4e2d\n")
+
+
 class ChatTemplate:
     """The model's own chat template (GGUF `tokenizer.chat_template`), sandboxed."""
 
@@ -137,6 +142,7 @@ class ChatTemplate:
         self.template = compile_template(source, name, chat=True)
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._frame: tuple[str, str] | bool | None = None  # see one_turn
 
     @classmethod
     def for_model(cls, info: Any, family: str | None = None) -> "ChatTemplate":
@@ -165,3 +171,23 @@ class ChatTemplate:
     def wrap(self, user_prompt: str) -> str:
         """The task prompt as a one-turn conversation, ready for the assistant's reply."""
         return self.render([{"role": "user", "content": user_prompt}])
+
+    def one_turn(self, content: str) -> str:
+        """`render` of one user message, the same text faster: a template that writes the
+        message's content unchanged (checked once with probe texts) is rendered once, and
+        each row's text goes between the part before it and the part after it."""
+        if self._frame is None:
+            self._frame = self._find_frame()
+        if self._frame is False:
+            return self.render([{"role": "user", "content": content}])
+        return self._frame[0] + content + self._frame[1]
+
+    def _find_frame(self) -> tuple[str, str] | bool:
+        frames = set()
+        for probe in _PROBES:
+            text = self.render([{"role": "user", "content": probe}])
+            if text.count(probe) != 1:
+                return False
+            before, after = text.split(probe)
+            frames.add((before, after))
+        return frames.pop() if len(frames) == 1 else False

@@ -16,10 +16,8 @@ from typing import Any
 import polars as pl
 
 from tokenmill.errors import InputError
-from tokenmill.ledger import RESULTS_FILE
-from tokenmill.tasks.records import GENERATED
+from tokenmill.contract import GENERATED, RESULTS_FILE, USAGE_FILE
 
-USAGE_FILE = "usage.parquet"
 
 # Without these a usage table cannot be reported; the other columns are shown as "-" when absent
 # (usage.parquet written by an older tokenmill, before rows_generated or cost_avoided_usd existed).

@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from tokenmill.contract import PARTS_DIR
 from tokenmill.errors import OutputError
-
-PARTS_DIR = "parts"
 
 
 def _reason(exc: Exception) -> str:
@@ -64,7 +65,7 @@ class PartWriter:
         return path
 
     def merge(self, target: Path, order_by: str) -> None:
-        """Merge this run's parts into `target` in input order, then remove every part.
+        """Merge this run's parts into `target` in `order_by` order, then remove every part.
 
         This run's parts hold a result for every input row (rows reused from earlier runs
         included), so parts left by earlier, killed runs are no longer needed.
@@ -73,11 +74,11 @@ class PartWriter:
         if mine:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
-                pl.scan_parquet(mine).sort(order_by).sink_parquet(tmp)
+                merge_sorted(mine, tmp, order_by)
                 with tmp.open("rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, target)
-            except (OSError, pl.exceptions.PolarsError) as exc:
+            except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
                 tmp.unlink(missing_ok=True)
                 raise OutputError(f"cannot write {target}: {_reason(exc)}; the parts in {self.dir} are kept; "
                                   "free space, then run the same command again to finish") from None
@@ -87,6 +88,36 @@ class PartWriter:
             self.dir.rmdir()
         except OSError:
             pass  # something else lives there: leave it
+
+
+MERGE_WINDOW = 250_000  # rows sorted in memory at once by merge_sorted
+
+
+def merge_sorted(parts: list[Path], target: Path, order_by: str, window: int = MERGE_WINDOW) -> None:
+    """Write the rows of `parts` to `target` ordered by the integer column `order_by`, holding
+    at most about `window` rows in memory: rows finish out of order, so each part is sorted on
+    its own and the output is built one range of `order_by` at a time (Parquet statistics let
+    each range read only the parts that overlap it)."""
+    scan = pl.scan_parquet(parts)
+    bounds = scan.select(pl.col(order_by).min().alias("lo"), pl.col(order_by).max().alias("hi")).collect()
+    lo, hi = bounds["lo"][0], bounds["hi"][0]
+    schema = scan.collect_schema()
+    writer = None
+    try:
+        start = lo if lo is not None else 0
+        while True:
+            chunk = (scan.filter((pl.col(order_by) >= start) & (pl.col(order_by) < start + window)).collect()
+                     .sort(order_by) if lo is not None else pl.DataFrame(schema=schema))
+            table = chunk.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(target, table.schema)
+            writer.write_table(table)
+            start += window
+            if lo is None or start > hi:
+                break
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def append_row(path: Path, row: dict) -> pl.DataFrame:

@@ -1,0 +1,156 @@
+"""Large inputs: rows stream through an on-disk index and a windowed merge, a finished job's
+rerun reads no row, and the machine's busy cores and calibration decide the defaults.
+Orchestration runs on the zero-cost echo backend in this process; calibration on the real model."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import polars as pl
+import pytest
+
+from tests.conftest import run_echo
+from tokenmill.contract import INDEX_FILE, PARTS_DIR, RESULTS_FILE
+from tokenmill.io import parts as parts_module
+from tokenmill.tasks import planner as planner_module
+from tokenmill.tasks import sink as sink_module
+
+
+def _input(path, n: int, repeat_every: int = 10):
+    """n rows; every `repeat_every`-th row repeats the text of the row 3 before it."""
+    texts = [f"Row {i - 3 if i % repeat_every == repeat_every - 1 else i}: a short text about item "
+             f"{(i - 3 if i % repeat_every == repeat_every - 1 else i) * 7 % 1000}." for i in range(n)]
+    pl.DataFrame({"id": list(range(n)), "text": texts}).write_parquet(path, row_group_size=500)
+    return texts
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Parts of at most 700 rows and a merge that sorts 1,000 rows at a time: a few thousand
+    rows then take many parts and many merge windows, as millions would."""
+    monkeypatch.setattr(sink_module, "MAX_PART_ROWS", 700)
+    monkeypatch.setattr(parts_module, "MERGE_WINDOW", 1000)
+
+
+def test_many_parts_merge_in_input_order_and_duplicates_are_generated_once(tmp_path, small_parts):
+    texts = _input(tmp_path / "in.parquet", 6000)
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    df = pl.read_parquet(tmp_path / "out" / RESULTS_FILE)
+    assert df["row"].to_list() == list(range(6000)) and df["id"].to_list() == list(range(6000))
+    distinct = len(set(texts))
+    assert stats.rows_generated == distinct and stats.rows_duplicate == 6000 - distinct == 600
+    by_text = {}
+    for text, key in zip(texts, df["row_key"].to_list()):
+        assert by_text.setdefault(text, key) == key  # one key, one generation per distinct text
+    assert df.filter(pl.col("produced") == "duplicate")["row"].to_list() == list(range(9, 6000, 10))
+    assert not (tmp_path / "out" / PARTS_DIR).exists()
+
+
+def test_a_finished_job_reruns_without_reading_a_row(tmp_path, monkeypatch):
+    _input(tmp_path / "in.parquet", 3000)
+    run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    before = pl.read_parquet(tmp_path / "out" / RESULTS_FILE)
+
+    def no_rows(self):
+        raise AssertionError("the rerun read the input's rows")
+
+    monkeypatch.setattr(planner_module.Planner, "planned_chunks", no_rows)
+    started = time.perf_counter()
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert time.perf_counter() - started < 5
+    assert (stats.rows_total, stats.rows_generated, stats.rows_resumed) == (3000, 0, 3000)
+    assert pl.read_parquet(tmp_path / "out" / RESULTS_FILE).equals(before)
+    usage = pl.read_parquet(tmp_path / "out" / "usage.parquet")
+    assert usage["rows_resumed"].to_list() == [0, 3000]
+
+
+def test_a_changed_input_or_option_reads_the_rows_again_and_generates_only_new_ones(tmp_path):
+    _input(tmp_path / "in.parquet", 1000)
+    run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    _input(tmp_path / "in.parquet", 1200)  # 200 rows appended
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert stats.rows_generated == 180 and stats.rows_resumed == 1000
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=9)  # new keys
+    assert stats.rows_generated == 1080
+
+
+def test_the_index_is_rebuilt_from_the_parquet_files_when_it_is_lost(tmp_path):
+    _input(tmp_path / "in.parquet", 2000)
+    run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    (tmp_path / "out" / INDEX_FILE).unlink()
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert (stats.rows_generated, stats.rows_resumed) == (0, 2000)
+    (tmp_path / "out" / INDEX_FILE).write_bytes(b"not a database")
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert (stats.rows_generated, stats.rows_resumed) == (0, 2000)
+
+
+def test_rows_finished_before_a_crash_are_kept_and_not_generated_again(tmp_path, small_parts, monkeypatch):
+    """The run dies after 2,500 rows: the parts it wrote are read into the index by the next run."""
+    _input(tmp_path / "in.parquet", 5000, repeat_every=10**9)
+    from tokenmill.tasks.scheduler import Scheduler
+
+    real = Scheduler._complete
+    seen = []
+
+    def dying(self, completion):
+        if len(seen) == 2500:
+            raise KeyboardInterrupt
+        seen.append(completion.index)
+        real(self, completion)
+
+    monkeypatch.setattr(Scheduler, "_complete", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    kept = pl.scan_parquet(str(tmp_path / "out" / PARTS_DIR / "*.parquet")).select(pl.len()).collect().item()
+    assert kept == 2500  # everything finished was written on the way out
+    monkeypatch.setattr(Scheduler, "_complete", real)
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert (stats.rows_generated, stats.rows_resumed) == (2500, 2500)
+    df = pl.read_parquet(tmp_path / "out" / RESULTS_FILE)
+    assert df["row"].to_list() == list(range(5000)) and df["row_key"].n_unique() == 5000
+
+
+def _burn(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_the_default_thread_count_leaves_out_cores_busy_elsewhere():
+    from tokenmill.models.machine import busy_cores_elsewhere, free_cores
+
+    cores = os.cpu_count() or 1
+    burners = [multiprocessing.Process(target=_burn, args=(3.0,)) for _ in range(cores)]
+    for b in burners:
+        b.start()
+    try:
+        time.sleep(0.5)
+        assert busy_cores_elsewhere() > cores - 0.6
+        assert free_cores() == 1
+    finally:
+        for b in burners:
+            b.join()
+
+
+def test_calibration_is_stored_and_used_unless_options_override(tmp_path, monkeypatch):
+    """A short real probe (2 slot counts, 1 thread count) on the default model."""
+    from flows.calibrate import calibrate
+    from tokenmill.tasks.runner import JobConfig
+    from tokenmill.tasks.summarize import prepare_summarize
+
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "cache"))
+    lines = []
+    best = calibrate(None, slots=(1, 2), threads=(1,), steps=8, echo=lines.append)
+    assert len(best["table"]) == 2 and all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in best["table"])
+    assert best["n_seq"] in (1, 2) and best["threads"] == 1
+    assert any("stored in" in line for line in lines)
+    data = tmp_path / "in.parquet"
+    _input(data, 3)
+    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out")))
+    settings = job.settings()
+    assert (settings.n_seq, settings.n_threads) == (best["n_seq"], 1)
+    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), n_seq=5, n_threads=2))
+    assert (job.settings().n_seq, job.settings().n_threads) == (5, 2)

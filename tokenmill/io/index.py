@@ -1,0 +1,171 @@
+"""What an output folder has generated already, on disk: a SQLite index of row keys.
+
+A rerun, a grown input or a duplicate row must never send the same prompt to the model twice,
+and a 10-million-row folder must not be loaded into memory to find out. The index maps each
+row key to its stored record (`contract.STORED_FIELDS`). It is derived data: the Parquet files
+(results.parquet and parts/) are the truth, and the index remembers which of them it has read
+(name, size, mtime). Any file it has not read, or that changed, is read into it at the start of
+a run; a file it knew that is gone (a folder edited by hand) makes it start over from the files.
+
+During a run the sink adds the new rows of each Parquet part once the part is on disk, in one
+transaction with the part's name: the index never holds a row the files lack.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.parquet as pq
+
+from tokenmill.contract import INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, STORED_FIELDS
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, ok INTEGER NOT NULL, run_id TEXT, record TEXT NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# A record replaces a stored one unless it would turn a reusable result into an error.
+_UPSERT = ("INSERT INTO records VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET ok = excluded.ok, "
+           "run_id = excluded.run_id, record = excluded.record WHERE excluded.ok >= records.ok")
+
+
+def stored(record: dict) -> dict:
+    return {k: record.get(k) for k in STORED_FIELDS}
+
+
+class FolderIndex:
+    """Row key -> stored record for one output folder (see the module doc)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / INDEX_FILE
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:  # not a database (a crash mid-creation, a stray file): start over
+            db.close()
+            self.path.unlink(missing_ok=True)
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.executescript(_SCHEMA)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost commit is read again from the files
+        return db
+
+    # -- reading the folder's Parquet files ------------------------------------------------
+    def _files_on_disk(self) -> list[Path]:
+        files = [self.out / RESULTS_FILE] if (self.out / RESULTS_FILE).exists() else []
+        return files + sorted((self.out / PARTS_DIR).glob("*.parquet"))
+
+    def sync(self) -> int:
+        """Read every Parquet file of the folder the index does not know yet; returns how many."""
+        known = {name: (size, mtime) for name, size, mtime in self._db.execute("SELECT * FROM files")}
+        present = {self._name(p): p for p in self._files_on_disk()}
+        if any(name not in present for name in known):  # something was removed behind our back
+            self._db.executescript("DELETE FROM records; DELETE FROM files; DELETE FROM state;")
+            known = {}
+        read = 0
+        for name, path in present.items():
+            stat = path.stat()
+            if known.get(name) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            self._db.execute("BEGIN")
+            try:
+                self._ingest(path)
+                self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (name, stat.st_size, stat.st_mtime_ns))
+                self._db.execute("DELETE FROM state")  # the folder changed: the last run's summary no longer holds
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            read += 1
+        return read
+
+    def _name(self, path: Path) -> str:
+        return str(path.relative_to(self.out))
+
+    def _ingest(self, path: Path) -> None:
+        """Add a Parquet file's records; a file cut short by a crash is skipped (its rows are
+        generated again)."""
+        try:
+            file = pq.ParquetFile(path)
+        except Exception:
+            return
+        columns = [c for c in STORED_FIELDS if c in file.schema_arrow.names]
+        if "row_key" not in columns or "finish_reason" not in columns:
+            return
+        for batch in file.iter_batches(batch_size=20_000, columns=columns):
+            self.put_many(r for r in batch.to_pylist() if r["row_key"] is not None)
+
+    # -- records ---------------------------------------------------------------------------
+    def get(self, key: str) -> dict | None:
+        row = self._db.execute("SELECT record FROM records WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
+        """The stored records of those `keys` the index holds."""
+        return dict(select_many(self._db, "SELECT key, record FROM records WHERE key IN ({})", keys))
+
+    def put_many(self, records: Iterable[dict]) -> None:
+        self._db.executemany(_UPSERT, ((r["row_key"], r.get("finish_reason") in REUSABLE, r.get("run_id"),
+                                        json.dumps(stored(r), default=str)) for r in records))
+
+    def put(self, record: dict) -> None:
+        self.put_many([record])
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+
+    # -- the run's transaction -------------------------------------------------------------
+    def add_part(self, part: Path, records: Iterable[dict]) -> None:
+        """A part is on disk: add its new records and the part itself, in one transaction."""
+        stat = part.stat()
+        self._db.execute("BEGIN")
+        try:
+            self.put_many(records)
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
+                             (self._name(part), stat.st_size, stat.st_mtime_ns))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def merged(self, results: Path, state: dict | None) -> None:
+        """Every part went into `results`: forget the parts, remember the results file and
+        what the run that wrote it found (`state`, for a quick rerun; None: nothing to remember)."""
+        stat = results.stat()
+        self.rollback()
+        self._db.execute("BEGIN")
+        self._db.execute("DELETE FROM files")
+        self._db.execute("INSERT INTO files VALUES (?, ?, ?)", (self._name(results), stat.st_size, stat.st_mtime_ns))
+        self._db.execute("DELETE FROM state")
+        if state is not None:
+            self._db.execute("INSERT INTO state VALUES ('last_run', ?)", (json.dumps(state),))
+        self._db.execute("COMMIT")
+
+    def last_run(self) -> dict | None:
+        """What the last complete run recorded, while the folder's files are as it left them."""
+        row = self._db.execute("SELECT value FROM state WHERE name = 'last_run'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def close(self) -> None:
+        self.rollback()
+        self._db.close()
+
+
+def select_many(db: sqlite3.Connection, query: str, keys: list[str], size: int = 500):
+    """(key, record) rows of `query` (an `IN ({})` over keys), in batches SQLite accepts."""
+    for start in range(0, len(keys), size):
+        batch = keys[start:start + size]
+        for key, text in db.execute(query.format(",".join("?" * len(batch))), batch):
+            yield key, json.loads(text)

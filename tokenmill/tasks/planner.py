@@ -1,0 +1,274 @@
+"""Planning a row job: input opened, model identified, templates checked, output folder ready;
+then, row by row, the rendered prompt, the row key and the model calls it takes (tasks/plans.py).
+
+Nothing here runs a model: `tokenmill.tasks.runner.Job` adds the worker, the scheduler
+(tasks/scheduler.py) feeds it, and the sink (tasks/sink.py) writes what comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import polars as pl
+
+from tokenmill.contract import USAGE_FILE, results_schema
+from tokenmill.errors import OutputError, TemplateError
+from tokenmill.io.parts import prepare_out_dir
+from tokenmill.io.readers import ROW, InputTable
+from tokenmill.models.base import ModelSettings
+from tokenmill.models.family import detect_family
+from tokenmill.models.gguf_info import ModelInfo
+from tokenmill.models.machine import free_cores, load_calibration
+from tokenmill.models.resolve import model_sha256, resolve_model
+from tokenmill.pool import DEFAULT_RUNTIME, capability, supports_grammar
+from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
+from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
+from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
+from tokenmill.tasks.records import finish
+from tokenmill.tasks.spec import (DEFAULT_SLOTS, KV_BUDGET_BYTES, MAX_CHARS_PER_TOKEN, MAX_DEFAULT_SLOTS, JobConfig,
+                                  RowKeys, TaskSpec, row_key)
+
+
+def _default_out(input_spec: str, task: str) -> Path:
+    """A folder beside INPUT named after it; for a glob, beside the files it matches."""
+    path = Path(input_spec)
+    if any(ch in input_spec for ch in "*?["):
+        return path.parent / f"input.{task}"
+    return path.parent / f"{path.name if path.is_dir() else path.stem}.{task}"
+
+
+def check_out_dir_task(out: Path, task: str) -> None:
+    """Refuse an output folder that holds another kind of job's results."""
+    usage = out / USAGE_FILE
+    if not usage.exists():
+        return
+    try:
+        tasks = set(pl.read_parquet(usage, columns=["task"])["task"].drop_nulls().to_list())
+    except Exception:
+        raise OutputError(f"output folder {out} holds an unreadable usage.parquet; choose another --out") from None
+    if tasks and task not in tasks:
+        raise OutputError(f"output folder {out} holds results of a {'/'.join(sorted(tasks))} job, not {task}; "
+                          "choose another --out")
+
+
+class Planner:
+    """A prepared row job: input opened, model identified, templates checked, output folder
+    ready; renders and plans each row (`planned_rows`)."""
+
+    def __init__(self, config: JobConfig, task: TaskSpec, create_out: bool = True):
+        config.validate()
+        self.config = config
+        self.task = task
+        self.table = InputTable.open(Path(config.input), config.column, config.id_column, config.limit)
+        self.model_path = resolve_model(config.model)
+        self.model_info = ModelInfo(self.model_path)
+        self.family = config.prompt_family or detect_family(self.model_info.metadata)
+        if callable(task.grammar):
+            task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
+        self.template = load_task_template(task.name, config.prompt, family=self.family)
+        self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
+        self.chat = ChatTemplate.for_model(self.model_info, self.family)
+        available = set(self.table.columns) | STANDARD_VARIABLES
+        # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
+        self.use_grammar = bool(task.grammar) and config.grammar and supports_grammar(config.backend)
+        self.repair_template = None
+        if task.grammar and not self.use_grammar:
+            self.repair_template = load_task_template("repair", family=self.family)
+            self.repair_template.check_variables(available, TASK_VARIABLES["repair"])
+        self.reduce_template = None
+        self.splitting = task.splits and config.split_long
+        if self.splitting and task.merge is None:
+            self.reduce_template = load_task_template("reduce", family=self.family)
+            self.reduce_template.check_variables(available, TASK_VARIABLES["reduce"])
+        self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
+        if create_out:
+            check_out_dir_task(self.out, task.name)
+            prepare_out_dir(self.out)
+        self.model_sha = model_sha256(self.model_path)
+        self.params = {
+            "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
+            "stop": task.stop, "task": task.name, "grammar": task.grammar if self.use_grammar else None, **task.key,
+        }
+        if self.repair_template is not None:
+            self.params["repair"] = [config.max_retries, self.repair_template.source]
+        if (runtime := capability(config.backend, "runtime")) != DEFAULT_RUNTIME:  # other text: own keys
+            self.params["runtime"] = runtime
+        # a long text's parts depend on the context size; its result on the combining template
+        self.split_params = {"split_n_ctx": config.n_ctx,
+                             "reduce": self.reduce_template.source if self.reduce_template else None}
+        self._keys = RowKeys(self.model_sha, self.params)
+        self._threads: int | None = None  # see default_threads
+        self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
+        # (a template that cannot render the first row has failed here, before any generation)
+
+    def describe_prompt(self) -> str:
+        """What --show-prompt prints after the prompt itself."""
+        return (f"{self.model_info.count_tokens(self.first_prompt)} tokens; family {self.family}; "
+                f"task template {self.template.name}; {self.chat.name}")
+
+    def settings(self) -> ModelSettings:
+        """--n-ctx is what one row may use; the batched engine gives each of its slots its own
+        stream of that size (isolated KV streams keep every row's text exact), so its context
+        holds n_ctx x (slots + 1, the shared-prefix sequence)."""
+        c = self.config
+        slots = c.n_seq or self.default_slots()
+        total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
+        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
+                             n_threads=c.n_threads or self.default_threads(), n_gpu_layers=c.n_gpu_layers,
+                             backend=c.backend)
+
+    def default_threads(self) -> int:
+        """Without --threads: what --calibrate found best for this model here (else every core),
+        but no more than the cores other programs leave free right now (models/machine.py).
+        Decided once per job, before its worker or Prefect start."""
+        if self._threads is None:
+            if not self.config.backend.startswith("llama"):
+                self._threads = 0  # the backend's own default
+            else:
+                best = (load_calibration(self.model_sha) or {}).get("threads") or os.cpu_count() or 1
+                self._threads = min(best, free_cores())
+        return self._threads
+
+    def default_slots(self) -> int:
+        """Without --n-seq: what --calibrate found best for this model here; else as many slots
+        (up to 16; more rows per step decode faster) as fit a 2 GiB KV cache at --n-ctx each,
+        counting the shared-prefix stream."""
+        calibrated = (load_calibration(self.model_sha) or {}).get("n_seq")
+        per_slot = self.model_info.kv_bytes_per_token * self.config.n_ctx
+        if calibrated and (not per_slot or (calibrated + 1) * per_slot <= KV_BUDGET_BYTES):
+            return calibrated
+        if not per_slot:
+            return DEFAULT_SLOTS
+        return max(1, min(MAX_DEFAULT_SLOTS, KV_BUDGET_BYTES // per_slot - 1))
+
+    def _variables(self, row: dict, **extra) -> dict:
+        variables = {**row, **self.task.variables, "text": row.get(self.table.column), "row": row,
+                     "max_words": self.config.max_words, **extra}
+        variables.pop(ROW, None)
+        return variables
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            prompt = self.chat.one_turn(messages[0]["content"])
+        else:
+            prompt = self.chat.render(messages)
+        # The tokenizer adds BOS itself; a template that also writes it would double it.
+        bos = self.model_info.bos_token
+        if bos and self.model_info.adds_bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
+        return prompt
+
+    def render_user(self, row: dict) -> str:
+        """The task template's text for one row, before the chat template wraps it."""
+        return self.template.render(self._variables(row)).strip()
+
+    def render(self, row: dict) -> str:
+        """The full prompt for one row: task template, then the model's chat template."""
+        return self._chat([{"role": "user", "content": self.render_user(row)}])
+
+    def render_reduce(self, row: dict, summaries: list[str]) -> str:
+        """The prompt that combines partial summaries of one row's text."""
+        text = self.reduce_template.render(self._variables(row, summaries=summaries, text="\n".join(summaries)))
+        return self._chat([{"role": "user", "content": text.strip()}])
+
+    def render_repair(self, row: dict, reply: str, problem: str) -> str:
+        """The conversation so far plus the validator's message, asking for a corrected reply."""
+        ask = self.repair_template.render(self._variables(row, error=problem, output=reply)).strip()
+        return self._chat([{"role": "user", "content": self.render_user(row)},
+                           {"role": "assistant", "content": reply}, {"role": "user", "content": ask}])
+
+    def fingerprint(self) -> str:
+        """What decides every row key and result of this job, short of reading the rows: input
+        files (path, size, mtime), options, model, templates. Two runs with the same
+        fingerprint over an unchanged folder have the same rows to do (see Job.has_pending_rows)."""
+        c = self.config
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.table.files]
+        sources = [t.source if t is not None else None for t in
+                   (self.template, self.chat, self.repair_template, self.reduce_template)]
+        payload = [files, c.limit, self.table.column, c.id_column, self.params, self.split_params, self.model_sha,
+                   sources, self.task.output_column, self.task.variables, c.max_words, c.split_long, c.max_chunks,
+                   c.n_ctx, c.strip, c.retry_errors, self.family]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def planned_chunks(self) -> Iterator[list[tuple[dict, Any, str | None]]]:
+        """(row info, plan of model calls, error) for every input row, one read chunk at a time."""
+        c = self.config
+        for chunk in self.table.chunks(c.chunk_size):
+            planned = []
+            for row in chunk.iter_rows(named=True):
+                index = row[ROW]
+                info = {"row": index, "id": row[c.id_column] if c.id_column else index, "row_key": None}
+                try:
+                    info["row_key"], plan = self._plan(row)
+                except (TemplateError, DoesNotFit) as exc:
+                    planned.append((info, None, str(exc)))
+                    continue
+                planned.append((info, plan, None))
+            yield planned
+
+    def planned_rows(self) -> Iterator[tuple[dict, Any, str | None]]:
+        for chunk in self.planned_chunks():
+            yield from chunk
+
+    def _plan(self, row: dict) -> tuple[str, Any]:
+        """The row's key and the model calls it takes: one, parts and combining steps, or tries."""
+        c, column = self.config, self.table.column
+        text = row.get(column)
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise DoesNotFit(f"column {column!r} is empty in this row")
+        splitting = self.splitting
+        hint = " (or let it be cut into parts: --split-long)" if self.task.splits and not splitting else ""
+        parts_allowed = c.max_chunks if splitting else 1
+        if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
+            raise DoesNotFit(f"column {column!r} holds {len(str(text)):,} characters, far more tokens than "
+                             f"{'--max-chunks ' + str(c.max_chunks) + ' parts of ' if splitting else ''}--n-ctx "
+                             f"{c.n_ctx} can hold; raise --n-ctx{' or --max-chunks' if splitting else ''}{hint}, "
+                             "or split the text into several rows")
+        limit = c.n_ctx - c.max_tokens
+        if splitting and len(str(text)) > SAMPLE_CHARS:  # judge a huge text before rendering all of it
+            refuse_oversized(str(text), self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        prompt = self.render(row)
+        count = self.model_info.count_tokens
+        # A token holds at least one byte of text: a prompt of few enough bytes fits uncounted
+        # (BOS and EOS may come on top).
+        if len(prompt.encode("utf-8")) + 2 <= limit or (n := count(prompt)) <= limit:
+            key = self._keys(prompt)
+            if self.repair_template is not None:
+                return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
+                                   attempts=c.max_retries + 1)
+            if self.use_grammar:
+                return key, RetryAtLimit(prompt, self.task.grammar, self._problem)
+            return key, SingleCall(prompt)
+        if not splitting:
+            raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
+                             f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
+        parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
+                             self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        if self.task.merge is not None:
+            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None, self.task.merge)
+        else:
+            plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
+        return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
+
+    def _problem(self, reply: str) -> str | None:
+        """Why a reply would not parse or validate, or None when it is fine (for plans.Repair)."""
+        try:
+            self._parse(reply)
+        except Exception as exc:
+            return str(exc)
+        return None
+
+    def _parse(self, text: str):
+        return self.task.parse(text.strip() if self.config.strip else text)
+
+    def _finish(self, record: dict, info: dict, produced: str | None = None) -> dict:
+        return finish(record, info, self.task.output_column, self._parse, produced)
+
+    def _frame(self, rows: list[dict]) -> pl.DataFrame:
+        id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
+        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
+        return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)

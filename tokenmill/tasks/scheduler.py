@@ -1,0 +1,135 @@
+"""The scheduler: feeds a model worker the rows nobody has generated yet, and hands every row,
+generated or reused, to the sink.
+
+Rows are read, rendered and planned as the worker has room (`window` requests in flight), so
+an input of any length streams through. For each row, in order of preference:
+- its key is in flight already: it waits for that generation (a duplicate);
+- this run already finished it: a duplicate of that result;
+- the output folder holds it from an earlier run: reused as it is (resume);
+- the shared results cache holds it: reused (`cached`);
+- else its plan's calls go to the worker, and completions are fed back to the plan until it
+  returns the row's final completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Iterator
+
+from tokenmill.contract import CACHED, DUPLICATE, REUSABLE, SKIPPED
+from tokenmill.io.index import FolderIndex
+from tokenmill.ledger import ResultCache
+from tokenmill.models.base import GenerationRequest
+from tokenmill.tasks.plans import Call
+from tokenmill.tasks.records import from_completion
+from tokenmill.tasks.sink import ResultSink
+from tokenmill.tasks.spec import MAX_DEFAULT_SLOTS
+from tokenmill.usage import RunStats
+
+if TYPE_CHECKING:
+    from tokenmill.pool import ModelWorker
+    from tokenmill.tasks.planner import Planner
+
+
+class Scheduler:
+    def __init__(self, planner: "Planner", worker: "ModelWorker", index: FolderIndex, cache: ResultCache | None,
+                 sink: ResultSink, stats: RunStats):
+        self.planner = planner
+        self.worker = worker
+        self.index = index
+        self.cache = cache
+        self.sink = sink
+        self.stats = stats
+        # more requests than the backend has slots, so a slot never waits for the next row (see pool.py)
+        self.window = max(64, 4 * (planner.config.n_seq or MAX_DEFAULT_SLOTS))
+        self.waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
+        self.plans: dict[str, Any] = {}  # row key -> its plan (tasks/plans.py), while calls are outstanding
+        self.calls: dict[int, tuple[str, int]] = {}  # request index -> (row key, slot in its plan)
+        self._ids = itertools.count()
+        self._folder: dict[str, dict] = {}  # this read chunk's keys the folder's index held at lookup
+        self._cached: dict[str, dict] = {}  # ... and those the shared cache held
+
+    def _rows(self) -> Iterator[tuple[dict, Any, str | None]]:
+        """Planned rows, with what the output folder and the cache hold of each chunk's keys
+        looked up at once (see _known)."""
+        for chunk in self.planner.planned_chunks():
+            keys = [info["row_key"] for info, _plan, error in chunk if error is None]
+            self.sink.recent.clear()  # what they held is in the index now, where this lookup sees it
+            self._folder = self.index.get_many(keys)
+            missing = [k for k in keys if k not in self._folder]
+            self._cached = self.cache.get_many(missing) if self.cache is not None and missing else {}
+            yield from chunk
+
+    def _known(self, key: str) -> dict | None:
+        """This folder's record of `key`: added by this run (still in the sink, or moved to the
+        index since this chunk's lookup), or found by the lookup."""
+        return self.sink.lookup(key) or self._folder.get(key)
+
+    def run(self) -> None:
+        worker, rows, exhausted = self.worker, self._rows(), False
+        while True:
+            while not exhausted and worker.in_flight < self.window:
+                item = next(rows, None)
+                if item is None:
+                    exhausted = True
+                    break
+                self._admit(*item)
+            if exhausted and not worker.in_flight:
+                worker.end_input()
+                return
+            for completion in worker.poll():
+                self._complete(completion)
+
+    def _admit(self, info: dict, plan: Any, error: str | None) -> None:
+        p, key = self.planner, info["row_key"]
+        if error is not None:
+            self.sink.emit(p._finish({**info, "raw_output": None, "finish_reason": "error", "error": error,
+                                      "model": p.model_info.name, "run_id": self.stats.run_id}, info, SKIPPED))
+            return
+        if key in self.waiting:
+            self.waiting[key].append(info)
+            return
+        if (record := self._known(key)) is not None:
+            if record.get("run_id") == self.stats.run_id:
+                self.sink.emit(p._finish(record, info, DUPLICATE))
+                return
+            if record["finish_reason"] in REUSABLE or not p.config.retry_errors:
+                self.sink.emit(p._finish(record, info))  # resumed: as an earlier run left it
+                return
+        if (record := self._cached.get(key)) is not None:
+            self.sink.emit(p._finish(record, info, CACHED), new=True)
+            return
+        self.waiting[key] = [info]
+        self.plans[key] = plan
+        self._submit(key, plan.start())
+
+    def _submit(self, key: str, new_calls: list[Call]) -> None:
+        c, task = self.planner.config, self.planner.task
+        for slot, call in enumerate(new_calls):
+            index = next(self._ids)
+            self.calls[index] = (key, slot)
+            self.worker.submit(GenerationRequest(
+                index=index, prompt=call.prompt, max_tokens=c.max_tokens, temperature=c.temperature, seed=c.seed,
+                stop=list(task.stop), grammar=call.grammar, repeat_penalty=call.repeat_penalty,
+                logprobs=task.confidence))
+
+    def _complete(self, completion) -> None:
+        key, slot = self.calls.pop(completion.index)
+        self.stats.add_generation(completion)
+        self.sink.tick()
+        plan = self.plans.get(key)
+        if plan is None:  # the row already ended (another of its calls failed)
+            return
+        outcome = plan.feed(slot, completion)
+        if isinstance(outcome, list):
+            self._submit(key, outcome)
+            return
+        del self.plans[key]
+        rows_waiting = self.waiting.pop(key)
+        p = self.planner
+        record = from_completion(rows_waiting[0], outcome, p.model_info.name, self.stats.run_id)
+        record.update(chunks=plan.chunks, calls=plan.calls)
+        self.sink.generated(record)
+        self.sink.emit(p._finish(record, rows_waiting[0]), new=True)
+        for info in rows_waiting[1:]:
+            self.sink.emit(p._finish(record, info, DUPLICATE))
