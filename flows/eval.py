@@ -104,7 +104,7 @@ def main_baseline(args: argparse.Namespace) -> int:
     result = run_baseline(args.input, args.column, args.schema, Path(args.out), model=args.model, limit=args.limit,
                           max_tokens=args.max_tokens, n_ctx=args.n_ctx, threads=args.threads,
                           instruction=args.instruction or INSTRUCTION, id_column=args.id_column)
-    print(f"baseline: {result['rows']} rows ({result['ok']} valid), {result['prompt_tokens']} prompt + "
+    print(f"baseline: {result['rows']} rows ({result['ok']} parse as JSON objects, {result['schema_valid']} schema-valid), {result['prompt_tokens']} prompt + "
           f"{result['completion_tokens']} completion tokens, {result['wall_s']:.1f} s; results in {args.out}",
           file=sys.stderr)
     return EXIT_OK
