@@ -40,6 +40,7 @@ class _Usage:
             prompt_tokens=sum(c.prompt_tokens for c in calls), cached_tokens=sum(c.cached_tokens for c in calls),
             completion_tokens=sum(c.completion_tokens for c in calls), queue_ms=calls[0].queue_ms,
             prompt_ms=sum(c.prompt_ms for c in calls), decode_ms=sum(c.decode_ms for c in calls),
+            logprob=None if error else last.logprob,
         )
 
 
