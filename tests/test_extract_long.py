@@ -25,7 +25,7 @@ PASSAGES = [
 ]
 
 
-def long_document(fillers_between: int = 12) -> str:
+def long_document(fillers_between: int = 14) -> str:
     blocks = []
     for passage in PASSAGES:
         blocks.append(passage)
