@@ -29,16 +29,20 @@ EXIT_STATUS_HELP = """exit status:
 """
 
 
-def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The options every row job accepts."""
+def common_parser(prog: str, description: str, dataset: bool = True, input_metavar: str = "INPUT",
+                  input_help: str = "dataset to read: .parquet, .csv, .jsonl or .ndjson") -> argparse.ArgumentParser:
+    """The options every row job accepts; `dataset=False` leaves out the dataset's own options
+    (--column, --id-column, --prompt) for a job whose rows bring their prompts (flows.batch)."""
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_STATUS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="INPUT", help="dataset to read: .parquet, .csv, .jsonl or .ndjson")
-    p.add_argument("--column", help="text column (default: 'text', else the only string column)")
-    p.add_argument("--id-column", help="column copied to the results' id (default: the row's position)")
+    p.add_argument("input", metavar=input_metavar, help=input_help)
+    if dataset:
+        p.add_argument("--column", help="text column (default: 'text', else the only string column)")
+        p.add_argument("--id-column", help="column copied to the results' id (default: the row's position)")
     p.add_argument("--model", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="output folder (default: a folder beside INPUT named after it)")
-    p.add_argument("--prompt", help="task template: a name under prompts/<task>/ or a path to a Jinja file")
+    p.add_argument("--out", help=f"output folder (default: a folder beside {input_metavar} named after it)")
+    if dataset:
+        p.add_argument("--prompt", help="task template: a name under prompts/<task>/ or a path to a Jinja file")
     p.add_argument("--prompt-family", choices=FAMILIES,
                    help="template family (default: detected from the model's metadata); picks "
                         "prompts/<task>/<family>.j2 and, for models without a chat template, prompts/chat/<family>.j2")
@@ -89,14 +93,15 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
-    return JobConfig(
-        input=args.input, column=args.column, id_column=args.id_column, model=args.model, out=args.out,
-        prompt=args.prompt, prompt_family=args.prompt_family, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        limit=args.limit, n_ctx=args.n_ctx, n_seq=args.n_seq, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-        backend=args.backend, chunk_size=args.chunk_size, strip=args.strip, retry_errors=args.retry_errors,
-        cache=not args.no_cache, cache_dir=args.cache, price_input_per_mtok=args.price_input,
-        price_output_per_mtok=args.price_output, hang_timeout_s=args.worker_timeout, **extra,
-    )
+    """`extra`: the task's own fields (and, for a parser without them, the dataset options' values)."""
+    dataset = {key: getattr(args, key, None) for key in ("column", "id_column", "prompt")}
+    return JobConfig(**{
+        **dataset, "input": args.input, "model": args.model, "out": args.out, "prompt_family": args.prompt_family,
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "limit": args.limit,
+        "n_ctx": args.n_ctx, "n_seq": args.n_seq, "n_gpu_layers": args.n_gpu_layers, "n_threads": args.threads,
+        "backend": args.backend, "chunk_size": args.chunk_size, "strip": args.strip, "retry_errors": args.retry_errors,
+        "cache": not args.no_cache, "cache_dir": args.cache, "price_input_per_mtok": args.price_input,
+        "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout, **extra})
 
 
 def quiet_prefect_console() -> None:

@@ -1,6 +1,6 @@
 """Job specs: `jobs/<name>.yaml` declares one job; YAML checked by pydantic, never executed.
 
-A spec holds `task` (summarize, extract, simulate), `input` (the command's positional argument:
+A spec holds `task` (summarize, extract, batch, simulate), `input` (the command's positional argument:
 a file, folder or glob for the row jobs, the simulation spec for simulate), any option of that
 command, and an optional `schedule`. The command's own argparse parser is the one source of the
 keys, their types and their defaults: a key is the option's destination (`max_tokens` for
@@ -35,11 +35,11 @@ from pydantic import field_validator, model_validator
 from tokenmill.errors import TokenmillError
 
 # task -> the module whose parser() defines the task's options (and whose main() runs it)
-COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "tag": "flows.tag",
+COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "tag": "flows.tag", "batch": "flows.batch",
             "simulate": "flows.simulate"}
 TASKS = tuple(COMMANDS)
 # options that shape the console only: flows.run takes them on its own command line
-CONSOLE_ONLY = {"help", "show_prompt", "no_progress", "verbose", "debug"}
+CONSOLE_ONLY = {"help", "show_prompt", "no_progress", "verbose", "debug", "check"}
 SPEC_KEYS = ("name", "task", "description", "schedule")  # the keys that are not command options
 PATH_KEYS = {"input", "out", "cache", "fork_source", "schema", "examples"}  # always paths
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

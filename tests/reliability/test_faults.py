@@ -71,10 +71,13 @@ def _finish(prefect_server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+ROWS = 16
+
+
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     path = tmp_path / "in.parquet"
-    pl.DataFrame(scitldr_rows(24)).write_parquet(path)
+    pl.DataFrame(scitldr_rows(ROWS)).write_parquet(path)
     return path
 
 
@@ -100,8 +103,8 @@ def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server,
     kept = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
     again = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
     assert again.returncode == 0, again.stderr
-    _assert_complete(out, 24)
-    assert pl.read_parquet(out / "usage.parquet")["rows_generated"][-1] <= 24 - kept
+    _assert_complete(out, ROWS)
+    assert pl.read_parquet(out / "usage.parquet")["rows_generated"][-1] <= ROWS - kept
 
 
 def test_ten_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tmp_path):
@@ -109,14 +112,14 @@ def test_ten_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tmp
     rng = random.Random(7)
     for _ in range(10):
         proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
-        time.sleep(rng.uniform(1.0, 8.0))  # anywhere: Prefect start, model load, mid-generation
+        time.sleep(rng.uniform(1.0, 5.0))  # anywhere: Prefect start, model load, mid-generation
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     final = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
     assert final.returncode == 0, final.stderr
-    results = _assert_complete(out, 24)
-    assert results["row_key"].n_unique() == 24
+    results = _assert_complete(out, ROWS)
+    assert results["row_key"].n_unique() == ROWS
 
 
 def test_a_second_run_on_the_same_folder_is_refused(prefect_server, dataset, tmp_path):
@@ -129,7 +132,7 @@ def test_a_second_run_on_the_same_folder_is_refused(prefect_server, dataset, tmp
     assert "in use by another run" in line and str(first.pid) in line
     first.communicate(timeout=600)
     assert first.returncode == 0
-    _assert_complete(out, 24)
+    _assert_complete(out, ROWS)
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(dataset, tmp_path):
@@ -149,7 +152,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block(dataset, tmp_path):
     holder.wait()
     assert (out / ".tokenmill.lock").exists()
     run_echo("summarize", dataset, out, max_tokens=16, chunk_size=2)
-    _assert_complete(out, 24)
+    _assert_complete(out, ROWS)
     assert not (out / ".tokenmill.lock").exists()
 
 
@@ -160,7 +163,7 @@ def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, datase
     os.kill(_worker_pid(proc.pid), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    _assert_complete(out, 24)
+    _assert_complete(out, ROWS)
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
 
 
@@ -174,7 +177,7 @@ def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_p
     os.kill(proc.pid, signal.SIGKILL)  # only the run itself, as a timeout or the OOM killer would
     proc.communicate(timeout=60)
     written = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
-    assert 1 <= written < 24 and not (out / "results.parquet").exists()  # the kill landed mid-generation
+    assert 1 <= written < ROWS and not (out / "results.parquet").exists()  # the kill landed mid-generation
     deadline = time.monotonic() + 20
     while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the model worker kept running after its run was killed"
@@ -185,13 +188,13 @@ def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_p
 
 def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), "--worker-timeout", "20", *FAST)
+    proc = _start(prefect_server, str(dataset), "--out", str(out), "--worker-timeout", "10", *FAST)
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     hung = _worker_pid(proc.pid)
     os.kill(hung, signal.SIGSTOP)  # alive but silent: no token ever comes
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    _assert_complete(out, 24)
+    _assert_complete(out, ROWS)
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
     assert not Path(f"/proc/{hung}").exists() or "Z" in Path(f"/proc/{hung}/stat").read_text().split()[2]
 

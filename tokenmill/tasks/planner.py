@@ -63,14 +63,16 @@ class Planner:
         config.validate()
         self.config = config
         self.task = task
-        self.table = InputTable.open(Path(config.input), config.column, config.id_column, config.limit)
+        self.table = self.open_input()
         self.model_path = resolve_model(config.model)
         self.model_info = ModelInfo(self.model_path)
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
         if callable(task.grammar):
             task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
-        self.template = load_task_template(task.name, config.prompt, family=self.family)
-        self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES, TASK_VARIABLES.get(task.name, ()))
+        self.template = load_task_template(task.name, config.prompt, family=self.family) if task.template else None
+        if self.template is not None:
+            self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES,
+                                          TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
         available = set(self.table.columns) | STANDARD_VARIABLES
         # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
@@ -104,6 +106,10 @@ class Planner:
         self._threads: int | None = None  # see default_threads
         self.first_prompt = self.render(next(self.table.chunks(1)).row(0, named=True))
         # (a template that cannot render the first row has failed here, before any generation)
+
+    def open_input(self) -> InputTable:
+        c = self.config
+        return InputTable.open(Path(c.input), c.column, c.id_column, c.limit)
 
     def describe_prompt(self) -> str:
         """What --show-prompt prints after the prompt itself."""

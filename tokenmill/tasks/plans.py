@@ -22,6 +22,7 @@ class Call:
     prompt: str
     grammar: str | None = None
     repeat_penalty: float = 1.0
+    options: dict = field(default_factory=dict)  # GenerationRequest fields that override the job's (batch rows)
 
 
 Next = Union[list[Call], Completion]  # more calls to make, or the row's final completion
@@ -50,8 +51,8 @@ class SingleCall:
 
     chunks = 1
 
-    def __init__(self, prompt: str, grammar: str | None = None):
-        self._call = Call(prompt, grammar)
+    def __init__(self, prompt: str, grammar: str | None = None, options: dict | None = None):
+        self._call = Call(prompt, grammar, options or {})
         self.usage = _Usage()
 
     def start(self) -> list[Call]:

@@ -108,10 +108,10 @@ class Scheduler:
         for slot, call in enumerate(new_calls):
             index = next(self._ids)
             self.calls[index] = (key, slot)
-            self.worker.submit(GenerationRequest(
-                index=index, prompt=call.prompt, max_tokens=c.max_tokens, temperature=c.temperature, seed=c.seed,
-                stop=list(task.stop), grammar=call.grammar, repeat_penalty=call.repeat_penalty,
-                logprobs=task.confidence))
+            self.worker.submit(GenerationRequest(**{
+                "index": index, "prompt": call.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature,
+                "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar,
+                "repeat_penalty": call.repeat_penalty, "logprobs": task.confidence, **call.options}))
 
     def _complete(self, completion) -> None:
         key, slot = self.calls.pop(completion.index)

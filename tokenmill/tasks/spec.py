@@ -96,6 +96,7 @@ class TaskSpec:
     splits: bool = False  # a text too long for the context is summarized in parts and combined
     merge: Callable[[list[str]], str] | None = None  # parts' replies merged in Python, not by a reduce prompt
     confidence: bool = False  # ask the backend for token log-probabilities: a `confidence` column (tag)
+    template: bool = True  # rows are rendered with a task template (batch requests bring their own messages)
 
 
 def row_key(model_sha: str, prompt: str, params: dict) -> str:
