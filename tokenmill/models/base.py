@@ -38,6 +38,9 @@ class GenerationRequest:
     # request of the session there, decoding only what follows the tokens it still holds. None:
     # no affinity. Engines that do not retain KV across requests ignore it.
     session: str | None = None
+    # Grammar rows only: sum the log-probability of each chosen token among the tokens the
+    # grammar allows at that step (Completion.logprob); costs a whole-vocabulary pass per token.
+    logprobs: bool = False
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Completion:
     queue_ms: float = 0.0
     prompt_ms: float = 0.0
     decode_ms: float = 0.0
+    logprob: float | None = None  # with GenerationRequest.logprobs, where the backend supports it
 
 
 @dataclass

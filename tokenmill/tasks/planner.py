@@ -26,7 +26,7 @@ from tokenmill.models.machine import free_cores, load_calibration
 from tokenmill.models.reference import backend_for, open_model
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
-from tokenmill.tasks.plans import MapReduce, Repair, SingleCall
+from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import finish
 from tokenmill.tasks.spec import (DEFAULT_SLOTS, KV_BUDGET_BYTES, MAX_CHARS_PER_TOKEN, MAX_DEFAULT_SLOTS, JobConfig,
                                   RowKeys, TaskSpec, row_key)
@@ -69,6 +69,8 @@ class Planner:
         self.model_path = self.model.path or self.model.location
         self.model_info = self.model.info
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
+        if callable(task.grammar):
+            task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
         self.template = load_task_template(task.name, config.prompt, family=self.family) if task.template else None
         if self.template is not None:
             self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES,
@@ -82,7 +84,8 @@ class Planner:
             self.repair_template = load_task_template("repair", family=self.family)
             self.repair_template.check_variables(available, TASK_VARIABLES["repair"])
         self.reduce_template = None
-        if task.splits and config.split_long:
+        self.splitting = task.splits and config.split_long
+        if self.splitting and task.merge is None:
             self.reduce_template = load_task_template("reduce", family=self.family)
             self.reduce_template.check_variables(available, TASK_VARIABLES["reduce"])
         self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
@@ -224,7 +227,7 @@ class Planner:
         text = row.get(column)
         if text is None or (isinstance(text, str) and not text.strip()):
             raise DoesNotFit(f"column {column!r} is empty in this row")
-        splitting = self.reduce_template is not None
+        splitting = self.splitting
         hint = " (or let it be cut into parts: --split-long)" if self.task.splits and not splitting else ""
         parts_allowed = c.max_chunks if splitting else 1
         if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
@@ -244,13 +247,18 @@ class Planner:
             if self.repair_template is not None:
                 return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
                                    attempts=c.max_retries + 1)
-            return key, SingleCall(prompt, self.task.grammar if self.use_grammar else None)
+            if self.use_grammar:
+                return key, RetryAtLimit(prompt, self.task.grammar, self._problem)
+            return key, SingleCall(prompt)
         if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
         parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
                              self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
-        plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
+        if self.task.merge is not None:
+            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None, self.task.merge)
+        else:
+            plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
         return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
 
     def _problem(self, reply: str) -> str | None:
@@ -269,5 +277,5 @@ class Planner:
 
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
-        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype)
+        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
         return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from tokenmill.contract import CACHED, DUPLICATE, GENERATED, REUSABLE, SKIPPED, results_schema  # noqa: F401
@@ -19,6 +20,7 @@ def from_completion(info: dict, c: Completion, model: str, run_id: str) -> dict:
         # sent to the model, whatever came back: a row that failed there (a server that went away, a
         # worker that died twice) is retried by the next run, unlike a row never sent (SKIPPED)
         "produced": GENERATED,
+        "confidence": math.exp(c.logprob) if c.logprob is not None else None,
     }
 
 
