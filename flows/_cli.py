@@ -11,7 +11,7 @@ from typing import Callable
 
 from tokenmill.errors import TokenmillError
 from tokenmill.models.family import FAMILIES
-from tokenmill.pool import BACKENDS
+from tokenmill.models import registry
 from tokenmill.tasks.runner import JobConfig
 
 EXIT_OK = 0
@@ -39,7 +39,9 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
     if dataset:
         p.add_argument("--column", help="text column (default: 'text', else the only string column)")
         p.add_argument("--id-column", help="column copied to the results' id (default: the row's position)")
-    p.add_argument("--model", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="a GGUF file, ollama:NAME[:TAG], gpt4all:FILE, x.llamafile, a bare name, or an "
+                                    "OpenAI-compatible server http://HOST:PORT[/v1][#MODEL] (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
     p.add_argument("--out", help=f"output folder (default: a folder beside {input_metavar} named after it)")
     if dataset:
         p.add_argument("--prompt", help="task template: a name under prompts/<task>/ or a path to a Jinja file")
@@ -65,13 +67,15 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
                         "for the model on this machine, else every core; either way no more than the cores other "
                         "programs leave free when the job starts, since llama.cpp slows down badly when its "
                         "threads compete with other programs for cores)")
-    p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TOKENMILL_BACKEND", "llama"),
-                   help="llama: continuous batching (default, or $TOKENMILL_BACKEND); "
-                        "llama-simple: one row at a time; gpt4all: one row at a time through GPT4All's "
-                        "llama.cpp (no grammar support); echo: zero-cost, no model runs: a short text derived "
-                        "from the prompt (the shortest grammar-valid text for extraction), token counts "
-                        "estimated, for measuring overhead and testing orchestration; echo-exact: the same, "
-                        "counted by the model's real tokenizer")
+    p.add_argument("--backend", choices=registry.NAMES, default=os.environ.get("TOKENMILL_BACKEND") or None,
+                   help="what runs the model (default $TOKENMILL_BACKEND, else llama for model files and http "
+                        "for server URLs): " + "; ".join(f"{k.name}: {k.help}" for k in registry.BACKENDS.values()))
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="--backend http: requests in flight at once (default: the server's slot count where it "
+                        "reports one, as llama-server does, else 4)")
+    p.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the chosen backend, checked before any row (repeatable); --backend http: "
+                        + ", ".join(f"{name} ({f.description})" for name, f in registry.HTTPOptions.model_fields.items()))
     p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
     p.add_argument("--no-strip", dest="strip", action="store_false",
                    help="keep whitespace around outputs (a parsing option: rows are re-parsed, not regenerated)")
@@ -99,9 +103,18 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         **dataset, "input": args.input, "model": args.model, "out": args.out, "prompt_family": args.prompt_family,
         "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "limit": args.limit,
         "n_ctx": args.n_ctx, "n_seq": args.n_seq, "n_gpu_layers": args.n_gpu_layers, "n_threads": args.threads,
-        "backend": args.backend, "chunk_size": args.chunk_size, "strip": args.strip, "retry_errors": args.retry_errors,
+        "backend": args.backend, "backend_options": backend_options(args), "chunk_size": args.chunk_size,
+        "strip": args.strip, "retry_errors": args.retry_errors,
         "cache": not args.no_cache, "cache_dir": args.cache, "price_input_per_mtok": args.price_input,
         "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout, **extra})
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """--backend-option KEY=VALUE items and --concurrency, for the backend's registry entry to check."""
+    options = registry.parse_option_items(getattr(args, "backend_option", None))
+    if getattr(args, "concurrency", None) is not None:
+        options["concurrency"] = args.concurrency
+    return options
 
 
 def quiet_prefect_console() -> None:

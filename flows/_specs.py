@@ -16,7 +16,7 @@ from tokenmill.io.readers import input_files
 from tokenmill.jobspec import JobSpec
 
 ROW_JOBS = {"summarize": "tokenmill.tasks.summarize:prepare_summarize",
-            "extract": "tokenmill.tasks.extract:prepare_extract",
+            "extract": "tokenmill.tasks.extract:prepare_extract", "tag": "tokenmill.tasks.tag:prepare_tag",
             "batch": "tokenmill.tasks.batch:prepare_batch"}
 
 

@@ -48,10 +48,16 @@ def extract_job(spec: str, overrides: list[str] | None = None) -> dict:
     return run_spec("extract", spec, overrides)
 
 
+@flow(name="tag", log_prints=False)
+def tag_job(spec: str, overrides: list[str] | None = None) -> dict:
+    """Run the tag job spec `spec` (a YAML file), with `overrides` (KEY=VALUE) applied."""
+    return run_spec("tag", spec, overrides)
+
+
 @flow(name="simulate", log_prints=False)
 def simulate_job(spec: str, overrides: list[str] | None = None) -> dict:
     """Run the simulate job spec `spec` (a YAML file), with `overrides` (KEY=VALUE) applied."""
     return run_spec("simulate", spec, overrides)
 
 
-FLOWS = {"summarize": summarize_job, "extract": extract_job, "simulate": simulate_job}
+FLOWS = {"summarize": summarize_job, "extract": extract_job, "tag": tag_job, "simulate": simulate_job}

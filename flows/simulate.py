@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, run_cli
 from tokenmill.models.family import FAMILIES
-from tokenmill.pool import BACKENDS
+from tokenmill.models.registry import NAMES as BACKENDS
 from tokenmill.sim.run import SimConfig, Simulation, effective_spec
 
 EXIT_STATUS_HELP = """exit status:

@@ -178,7 +178,11 @@ def test_echo_is_chosen_by_option_or_environment_and_is_never_the_default():
     plain = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     chosen = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "TOKENMILL_BACKEND": "echo"},
                             capture_output=True, text=True)
-    assert (plain.stdout.strip(), chosen.stdout.strip()) == ("llama", "echo"), plain.stderr + chosen.stderr
+    # no --backend: the model's own default (tokenmill.models.registry.choose), llama for a model file
+    assert (plain.stdout.strip(), chosen.stdout.strip()) == ("None", "echo"), plain.stderr + chosen.stderr
+    from tokenmill.models import registry
+
+    assert registry.choose(None, "file", "x").name == "llama" and registry.choose(None, "url", "x").name == "http"
     assert parser().parse_args(["x", "--backend", "echo"]).backend == "echo"
 
 

@@ -58,9 +58,9 @@ def test_eval_scores_fields_against_the_e2e_gold(extracted, e2e_csv):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = pl.read_parquet(out / "eval_summary.parquet")
-    assert summary["metric"].to_list()[-1] == "exact_match"
-    assert summary.height == 9 and (summary["rows"] == 50).all()
-    name_accuracy = summary.filter(pl.col("metric") == "name")["accuracy"][0]
+    assert summary["metric"].to_list()[-3:] == ["field_accuracy", "all_fields_right", "valid_rows"]
+    assert summary.height == 11 and (summary["rows"] == 50).all()
+    name_accuracy = summary.filter(pl.col("metric") == "name")["normalized"][0]
     assert name_accuracy > 0.5  # the restaurant's name is in every text; a broken pipeline scores ~0
     assert "customerRating" in done.stdout
 

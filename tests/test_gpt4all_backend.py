@@ -145,11 +145,10 @@ def test_a_failing_row_gives_an_error_and_the_next_row_goes_on(backend, prompts)
 
 
 def test_grammar_is_declared_unsupported_and_ignored(backend, prompts):
-    from tokenmill.pool import BACKENDS, supports_grammar
+    from tokenmill.models import registry
 
-    assert "gpt4all" in BACKENDS
-    assert supports_grammar("gpt4all") is False  # what the runner reads (pool.CAPABILITIES)
-    assert supports_grammar("llama") and supports_grammar("llama-simple")
+    assert registry.get("gpt4all").schema == "none" and not registry.get("gpt4all").constrains  # what the runner reads
+    assert registry.get("llama").constrains and registry.get("llama-simple").constrains
     c = next(backend.generate([GenerationRequest(0, prompts[0], max_tokens=3, grammar='root ::= "yes"')]))
     assert c.finish_reason == "length" and c.text
 

@@ -119,7 +119,7 @@ def test_ten_scitldr_rows_are_summarized_with_the_servers_usage(server, prompts)
     # The server's usage counts the same tokens tokenmill's own tokenizer does (BOS, special tokens).
     assert [by_index[i].prompt_tokens for i in range(10)] == [info.count_tokens(p) for p in prompts]
     assert all(0 < c.completion_tokens <= 48 for c in completions)
-    assert len(beats) == 10
+    assert len(beats) >= 10  # one per reply, and one a second while replies are awaited
     print(f"http backend: 10 rows in {elapsed:.1f}s ({10 / elapsed:.2f} rows/s)")
 
 

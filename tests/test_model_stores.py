@@ -4,9 +4,7 @@ real default model in temporary folders and run end to end through flows.summari
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from tests.conftest import assert_one_line_error
 from tokenmill.errors import ModelError
 from tokenmill.models import stores
 from tokenmill.models.gguf_header import read_header_file
+from tokenmill.models.layouts import build_llamafile, build_ollama_store
 from tokenmill.models.resolve import default_model_path, resolve_model
 
 RESULT_COLUMNS = ["id", "status", "summary", "finish_reason", "prompt_tokens", "completion_tokens"]
@@ -28,54 +27,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def build_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> Path:
-    """An Ollama store as `ollama pull` leaves it: blobs named by digest, one manifest per tag."""
-    blobs = root / "blobs"
-    blobs.mkdir(parents=True)
-    digest = _sha256(gguf)
-    shutil.copyfile(gguf, blobs / f"sha256-{digest}")
-    template = b"{{ .Prompt }}"
-    template_digest = hashlib.sha256(template).hexdigest()
-    (blobs / f"sha256-{template_digest}").write_bytes(template)
-    config = b'{"model_format":"gguf","model_family":"llama"}'
-    config_digest = hashlib.sha256(config).hexdigest()
-    (blobs / f"sha256-{config_digest}").write_bytes(config)
-    manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "digest": f"sha256:{config_digest}", "size": len(config)},
-        "layers": [
-            {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}",
-             "size": gguf.stat().st_size},
-            {"mediaType": "application/vnd.ollama.image.template", "digest": f"sha256:{template_digest}",
-             "size": len(template)},
-        ],
-    }
-    folder = root / "manifests" / "registry.ollama.ai" / "library" / name
-    folder.mkdir(parents=True)
-    (folder / tag).write_text(json.dumps(manifest))
-    return blobs / f"sha256-{digest}"
-
-
-def build_llamafile(path: Path, gguf: Path, align: int = 4096) -> int:
-    """A llamafile's layout: an executable prefix, then a zip whose GGUF entry is stored
-    uncompressed and starts on an `align` boundary. Returns the entry's data offset."""
-    prefix = b"#!/bin/sh\necho 'a llamafile stand-in'\nexit 1\n"
-    inner = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with path.open("wb") as fh:
-        fh.write(prefix)
-        with zipfile.ZipFile(fh, "w") as zf:
-            zf.writestr("args", "-m\nSmolLM2-135M-Instruct.Q4_1.gguf\n")
-            info = zipfile.ZipInfo(inner, date_time=(2024, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED
-            start = fh.tell() + 30 + len(inner)
-            pad = (-(start + 4)) % align  # the extra field pads the data to the boundary
-            info.extra = struct.pack("<HH", 0xCAFE, pad) + b"\0" * pad
-            with zf.open(info, "w") as out, gguf.open("rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-    return stores.llamafile_entry(path).offset
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +121,11 @@ def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
         resolve_model(str(bad))
 
 
-ROWS = 4  # of the 10 SciTLDR abstracts: enough to compare, few enough for GPT4All's one row at a time
+ROWS = 10  # the 10 SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
 
 
 def _summarize(run_flow, data, out, *extra, timeout: float = 600):
-    result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "48", "--no-cache",
+    result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "24", "--no-cache",
                       "--limit", str(ROWS), *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
@@ -210,6 +161,19 @@ def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_
     gpt4all = _summarize(run_flow, scitldr_parquet, tmp_path / "gpt4all", "--model",
                          f"gpt4all:{homes['gguf'].name}", "--backend", "gpt4all", timeout=1800)
     _same_shape(gpt4all, direct)
+
+
+def test_the_same_rows_through_a_server_by_url(run_flow, scitldr_parquet, tmp_path, direct):
+    """--model http://127.0.0.1:PORT/v1 against llama-cpp-python's server on the default model: the
+    server counts the prompts (its usage) and the server's model gives the summaries."""
+    pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
+    from flows._servers import LoopbackServer
+
+    with LoopbackServer("llama-cpp-python", default_model_path(), tmp_path / "server.log") as server:
+        http = _summarize(run_flow, scitldr_parquet, tmp_path / "http", "--model", server.url)
+    _same_shape(http, direct)
+    usage = pl.read_parquet(tmp_path / "http" / "usage.parquet").row(-1, named=True)
+    assert usage["backend"] == "http" and server.url in usage["device"]
 
 
 def test_unknown_model_on_the_command_line_is_one_line(homes, run_cli_here, scitldr_parquet, tmp_path):

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from tests.conftest import REPO, assert_one_line_error
-from tests.test_model_stores import build_llamafile, build_ollama_store
 from tokenmill.models.gguf_header import read_header_file
+from tokenmill.models.layouts import build_llamafile, build_ollama_store
 from tokenmill.models.quantize import dequantize_to_f16
 from tokenmill.models.resolve import default_model_path
 

@@ -36,11 +36,13 @@ REUSABLE = ("stop", "length")  # finish reasons whose raw output can be reused
 # output column is parsed again from raw_output, so a parser fix never costs a regeneration).
 STORED_FIELDS = ("row_key", "raw_output", "finish_reason", "error", "prompt_tokens", "cached_tokens",
                  "completion_tokens", "chunks", "calls", "latency_ms", "queue_ms", "prompt_ms", "decode_ms", "model",
-                 "produced", "run_id")
+                 "produced", "run_id", "confidence")
 
 
-def results_schema(output_column: str, output_dtype: Any, id_dtype: Any) -> dict[str, Any]:
-    """The columns of results.parquet, in order; `output_column` is the task's (summary, data...)."""
+def results_schema(output_column: str, output_dtype: Any, id_dtype: Any, confidence: bool = False) -> dict[str, Any]:
+    """The columns of results.parquet, in order; `output_column` is the task's (summary, data...).
+    `confidence`: a task that asks for token probabilities (tag) gets a `confidence` column last."""
+    extra = {"confidence": pl.Float64} if confidence else {}
     return {
         "row": pl.Int64, "id": id_dtype, "row_key": pl.String, output_column: output_dtype,
         "status": pl.String, "error": pl.String, "finish_reason": pl.String, "raw_output": pl.String,
@@ -48,7 +50,7 @@ def results_schema(output_column: str, output_dtype: Any, id_dtype: Any) -> dict
         "prompt_tokens": pl.Int64, "cached_tokens": pl.Int64, "completion_tokens": pl.Int64,
         "chunks": pl.Int64, "calls": pl.Int64,
         "latency_ms": pl.Float64, "queue_ms": pl.Float64, "prompt_ms": pl.Float64, "decode_ms": pl.Float64,
-        "model": pl.String,
+        "model": pl.String, **extra,
     }
 
 

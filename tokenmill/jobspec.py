@@ -35,13 +35,13 @@ from pydantic import field_validator, model_validator
 from tokenmill.errors import TokenmillError
 
 # task -> the module whose parser() defines the task's options (and whose main() runs it)
-COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "batch": "flows.batch",
+COMMANDS = {"summarize": "flows.summarize", "extract": "flows.extract", "tag": "flows.tag", "batch": "flows.batch",
             "simulate": "flows.simulate"}
 TASKS = tuple(COMMANDS)
 # options that shape the console only: flows.run takes them on its own command line
 CONSOLE_ONLY = {"help", "show_prompt", "no_progress", "verbose", "debug", "check"}
 SPEC_KEYS = ("name", "task", "description", "schedule")  # the keys that are not command options
-PATH_KEYS = {"input", "out", "cache", "fork_source", "schema"}  # always paths
+PATH_KEYS = {"input", "out", "cache", "fork_source", "schema", "examples"}  # always paths
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _OPTION = re.compile(r"--[a-z][a-z-]*")
 
@@ -153,6 +153,12 @@ def _field(key: str, action: argparse.Action) -> tuple[Any, Any]:
         kind = StrictStr
     if key == "schema":
         kind = Union[StrictStr, dict]  # a file, or the schema inline (then the spec file is the --schema)
+    if key == "merge":
+        kind = Union[StrictStr, dict]  # FIELD=RULE,... or a mapping of field to rule
+    if key == "labels":
+        kind = Union[StrictStr, list, dict]  # a,b,c or a file, or the labels inline (then the spec is --labels)
+    if key == "examples":
+        kind = Union[StrictStr, list]  # a file, or the examples inline (then the spec file is --examples)
     alias = key if hasattr(BaseModel, key) else None
     if action.required or key == "input":
         return kind, Field(description=action.help, alias=alias)
@@ -203,8 +209,11 @@ class JobSpec:
             elif _is_switch(action):
                 if value == bool(action.const):  # store_true given true, store_false given false
                     args.append(longest)
-            elif key == "schema" and isinstance(value, dict):
-                args += [longest, str(self.path)]  # load_schema reads the spec's own `schema` key
+            elif ((key == "schema" and isinstance(value, dict)) or (key == "examples" and isinstance(value, list))
+                  or (key == "labels" and isinstance(value, (list, dict)))):
+                args += [longest, str(self.path)]  # load_schema / load_examples read the spec's own key
+            elif key == "merge" and isinstance(value, dict):
+                args += [longest, ",".join(f"{k}={v}" for k, v in value.items())]
             else:
                 args += [longest, str(value)]
         return args + list(console)

@@ -15,57 +15,8 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from tokenmill.errors import ModelError, TokenmillError
+from tokenmill.models import registry
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
-
-BACKENDS = ("llama", "llama-simple", "gpt4all", "echo", "echo-exact")
-
-# What sets the backends apart. `grammar`: whether a request's grammar constrains generation
-# (without it the backend ignores the grammar and the caller validates the output instead).
-# `runtime`: backends of one runtime give the same text for the same request
-# (tests/test_batched_engine.py checks llama against llama-simple), so they share row keys.
-# `in_process`: cheap enough to run in the caller's process (no worker process to start).
-CAPABILITIES: dict[str, dict] = {
-    "llama": {"grammar": True, "runtime": "llama-cpp-python", "in_process": False},
-    "llama-simple": {"grammar": True, "runtime": "llama-cpp-python", "in_process": False},
-    "gpt4all": {"grammar": False, "runtime": "gpt4all", "in_process": False},
-    # zero-cost: replies derived from the prompt, for overhead and orchestration (models/echo.py)
-    "echo": {"grammar": True, "runtime": "echo", "in_process": True},
-    "echo-exact": {"grammar": True, "runtime": "echo", "in_process": True},  # echo, counted by the real tokenizer
-}
-DEFAULT_RUNTIME = "llama-cpp-python"
-
-
-def capability(backend: str, name: str):
-    if backend not in CAPABILITIES:
-        raise ModelError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    return CAPABILITIES[backend][name]
-
-
-def supports_grammar(backend: str) -> bool:
-    """Whether `backend` constrains generation with a request's GBNF grammar."""
-    return capability(backend, "grammar")
-
-
-def make_backend(settings: ModelSettings, tokenizer=None):
-    """Load the backend named by `settings.backend` (in the worker process). `tokenizer`: the
-    caller's loaded ModelInfo, for a backend that only counts tokens (echo)."""
-    if settings.backend == "llama":
-        from tokenmill.models.llama_batched import LlamaBatchedBackend
-
-        return LlamaBatchedBackend(settings)
-    if settings.backend == "llama-simple":
-        from tokenmill.models.llama_simple import LlamaSimpleBackend
-
-        return LlamaSimpleBackend(settings)
-    if settings.backend == "gpt4all":
-        from tokenmill.models.gpt4all_backend import Gpt4AllBackend
-
-        return Gpt4AllBackend(settings)
-    if settings.backend in ("echo", "echo-exact"):
-        from tokenmill.models.echo import EchoBackend
-
-        return EchoBackend(settings, tokenizer)
-    raise ModelError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
 def _die_with_parent() -> None:
@@ -89,7 +40,7 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
 
     _logger.set_verbose(False)  # llama.cpp's info logs would otherwise flood the user's terminal
     try:
-        backend = make_backend(settings)
+        backend = registry.load(settings)
     except TokenmillError as exc:
         results.put(("load_error", str(exc)))
         return
@@ -104,11 +55,11 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
         now = time.monotonic()
         if now - last_beat >= 1.0:
             last_beat = now
-            results.put(("alive", dict(getattr(backend, "stats", None) or {})))
+            results.put(("alive", dict(backend.stats)))
 
     backend.on_step = heartbeat
 
-    polls = getattr(backend, "polls_input", False)
+    polls = backend.polls_input
 
     def incoming() -> Iterator[GenerationRequest | None]:
         # The parent sends None when its input has ended. A backend that runs many rows at once
@@ -127,7 +78,7 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
 
     for completion in backend.generate(incoming()):
         results.put(("done", completion))
-    results.put(("closed", dict(getattr(backend, "stats", None) or {})))
+    results.put(("closed", dict(backend.stats)))
     backend.close()
 
 
@@ -345,7 +296,7 @@ class InProcessWorker(_Worker):
 
     def start(self, wait: bool = True) -> str:
         if self._backend is None:
-            self._backend = make_backend(self.settings, self.tokenizer)
+            self._backend = registry.load(self.settings, self.tokenizer)
             self.device = self._backend.device()
         return self.device
 
@@ -363,7 +314,7 @@ class InProcessWorker(_Worker):
 
     @property
     def engine_stats(self) -> dict:
-        return dict(getattr(self._backend, "stats", None) or {})
+        return dict(self._backend.stats) if self._backend is not None else {}
 
     def close(self) -> None:
         if self._backend is not None:
@@ -374,6 +325,6 @@ class InProcessWorker(_Worker):
 def make_worker(settings: ModelSettings, hang_timeout_s: float = 300.0, tokenizer=None) -> ModelWorker | InProcessWorker:
     """A worker for `settings.backend`: in this process where the backend allows it, else a
     worker process. `tokenizer`: the caller's loaded ModelInfo, for an in-process backend."""
-    if capability(settings.backend, "in_process"):
+    if registry.get(settings.backend).in_process:
         return InProcessWorker(settings, tokenizer)
     return ModelWorker(settings, hang_timeout_s=hang_timeout_s)

@@ -28,11 +28,12 @@ STANDARD_VARIABLES = {"text", "row", "max_words"}
 # Variables a task supplies on top of STANDARD_VARIABLES (pass them to check_variables).
 TASK_VARIABLES: dict[str, set[str]] = {
     "summarize": set(),
-    "extract": {"schema", "fields"},
+    "extract": {"schema", "fields", "examples"},
     # flows.simulate also passes the world and the agent's state; the shipped templates treat those as optional
     "simulate": {"agent", "memory", "observation", "world", "persona", "goals", "now", "location", "present",
                  "purpose", "recall", "part"},
     "reduce": {"summaries"},
+    "tag": {"labels", "multi"},
     "repair": {"error", "output"},
 }
 

@@ -23,7 +23,7 @@ _TYPES = {"string": pl.String, "integer": pl.Int64, "number": pl.Float64, "boole
 _KEYWORDS = {
     "type", "properties", "required", "description", "title", "enum", "items", "additionalProperties",
     "anyOf", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum", "default", "examples",
-    "$schema", "$id",
+    "$schema", "$id", "x-merge",
 }
 
 

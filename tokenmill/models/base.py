@@ -28,12 +28,19 @@ class GenerationRequest:
     repeat_penalty: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
-    grammar: str | None = None  # GBNF text constraining this row only
+    grammar: str | None = None  # GBNF text constraining this row only (the in-process form of json_schema)
+    # The JSON Schema the reply must match, for a backend that takes schemas rather than GBNF (an
+    # OpenAI-compatible server's json_schema response format). A backend uses what it supports
+    # (tokenmill.models.registry, `schema`); the caller validates every reply either way.
+    json_schema: dict | None = None
     # Requests that continue one another (one agent of a simulation, step after step) share a
     # session key. An engine may keep a finished request's KV cells in its slot and seat the next
     # request of the session there, decoding only what follows the tokens it still holds. None:
     # no affinity. Engines that do not retain KV across requests ignore it.
     session: str | None = None
+    # Grammar rows only: sum the log-probability of each chosen token among the tokens the
+    # grammar allows at that step (Completion.logprob); costs a whole-vocabulary pass per token.
+    logprobs: bool = False
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Completion:
     queue_ms: float = 0.0
     prompt_ms: float = 0.0
     decode_ms: float = 0.0
+    logprob: float | None = None  # with GenerationRequest.logprobs, where the backend supports it
 
 
 @dataclass
@@ -65,7 +73,8 @@ class ModelSettings:
     main_gpu: int = 0
     split_mode: str = "layer"  # none | layer | row
     tensor_split: list[float] | None = None
-    backend: str = "llama"  # llama (continuous batching) | llama-simple | gpt4all
+    backend: str = "llama"  # a name in tokenmill.models.registry.BACKENDS
+    options: dict = field(default_factory=dict)  # the backend's own options, checked by its registry entry
     jump_forward: bool = True  # llama: append tokens a row's grammar forces without sampling them
     # llama, isolated streams: the cells each stream starts with; 0: small (llama_load.FIRST_STREAM_CELLS),
     # grown when a longer row comes, which drops what the slots hold (see LlamaBatchedBackend)
@@ -88,6 +97,11 @@ class Backend(Protocol):
     """A loaded model that turns a stream of requests into a stream of completions."""
 
     settings: ModelSettings
+    # Whether generate() accepts None from its request iterable ("nothing to send now"): a backend
+    # that runs many rows at once must keep decoding while no new request comes.
+    polls_input: bool
+    # The backend's own counters (seconds per phase, tokens), reported with the heartbeat.
+    stats: dict
     # Called by the backend after every model step (a decode call, a token); the worker uses
     # it as a heartbeat, so a silent worker can be told from a slow one.
     on_step: Callable[[], None] | None

@@ -42,9 +42,6 @@ PRE_KEY = "tokenizer.ggml.pre"
 # its llama.cpp context is built with a batch of 128, and larger values are capped there.
 GPT4ALL_MAX_BATCH = 128
 
-supports_grammar = False
-
-
 def _read_pre_tokenizer(path: Path) -> str | None:
     import gguf
 
@@ -105,7 +102,10 @@ def _load_errors(log: str) -> str:
 
 
 class Gpt4AllBackend:
-    """Sequential generation through GPT4All; the prompt goes in verbatim, special tokens parsed."""
+    """Sequential generation through GPT4All; the prompt goes in verbatim, special tokens parsed.
+    It has no grammar support: the registry says so (tokenmill.models.registry, schema "none")."""
+
+    polls_input = False
 
     def __init__(self, settings: ModelSettings):
         from gpt4all import GPT4All
@@ -113,6 +113,7 @@ class Gpt4AllBackend:
 
         self.settings = settings
         self.on_step = None
+        self.stats: dict = {}
         self.n_threads = settings.n_threads or os.cpu_count() or 1
         self.n_batch = max(1, min(settings.n_batch, GPT4ALL_MAX_BATCH))
         source = Path(settings.model_path)

@@ -521,6 +521,7 @@ class _Run:
             return self.finish(row, "stop")  # the EOG token is not counted, as in create_completion
         if self.append(row, token):
             return
+        row.sampler.watch(row.text.data)  # a grammar row whose string repeats a phrase closes it next
         if row.grammar is not None:  # jump-forward: tokens the grammar forces next, unsampled
             row.forced = e.jump.forced_tokens(row.grammar, min(e.max_forced, row.req.max_tokens - len(row.text.tokens)))
             for tok in row.forced:
@@ -554,6 +555,7 @@ class _Run:
             queue_ms=(row.t_admit - row.t_pulled) * 1000,
             prompt_ms=(end - row.t_admit) * 1000,
             decode_ms=(now - end) * 1000,
+            logprob=row.sampler.logprob if row.sampler is not None else None,
         ))
         self.release(row, keep=error is None)
 

@@ -31,9 +31,12 @@ def describe_device(n_gpu_layers: int, n_threads: int) -> str:
 class LlamaSimpleBackend:
     """Sequential `Llama.create_completion` calls; simple, and the reference for correctness."""
 
+    polls_input = False  # one row at a time: waiting for the next request costs nothing
+
     def __init__(self, settings: ModelSettings):
         self.settings = settings
         self.on_step = None
+        self.stats: dict = {}
         self.n_threads = settings.n_threads or default_threads()
         self.n_gpu_layers = gpu_layers(settings.n_gpu_layers)
         self.llm = load_llama(

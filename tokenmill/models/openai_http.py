@@ -39,12 +39,10 @@ class HTTPRequest(GenerationRequest):
     """A GenerationRequest with what only an HTTP server can take.
 
     `messages`: send a conversation (the server applies its chat template) instead of `prompt`.
-    `json_schema`: constrain the reply to this schema where the server supports it.
     `expected_prompt_tokens`: tokenmill's own count; a server that reports fewer cut the prompt.
     """
 
     messages: list[dict[str, str]] | None = None
-    json_schema: dict | None = None
     expected_prompt_tokens: int | None = None
 
 
@@ -75,7 +73,7 @@ class ServerError(Exception):
 class OpenAIHTTPBackend:
     """Backend protocol (tokenmill.models.base) over an OpenAI-compatible server."""
 
-    polls_input = False
+    polls_input = False  # the feeding thread may block on the next request: replies come from other threads
 
     def __init__(self, settings: ModelSettings, concurrency: int = 0, timeout_s: float = 600.0,
                  connect_timeout_s: float = 5.0, retries: int = 3, backoff_s: float = 0.5,
@@ -96,7 +94,7 @@ class OpenAIHTTPBackend:
         self.server = "openai-compatible"
         self.slots: int | None = None
         self._probe()
-        self.concurrency = concurrency or settings.n_seq or self.slots or DEFAULT_CONCURRENCY
+        self.concurrency = concurrency or self.slots or DEFAULT_CONCURRENCY
 
     # ------------------------------------------------------------ discovery
 
@@ -183,7 +181,12 @@ class OpenAIHTTPBackend:
             feeder.start()
             received = 0
             while True:
-                item = done.get()
+                try:
+                    item = done.get(timeout=1.0)
+                except queue.Empty:  # requests still at the server: alive, not hung (timeouts bound them)
+                    if self.on_step:
+                        self.on_step()
+                    continue
                 if item is None:
                     if fed.is_set() and received == submitted:
                         break
@@ -261,9 +264,7 @@ class OpenAIHTTPBackend:
         if request.stop:
             payload["stop"] = list(request.stop)
         messages = getattr(request, "messages", None)
-        schema = getattr(request, "json_schema", None)
-        if messages is None and request.grammar:
-            payload["grammar"] = request.grammar  # llama.cpp servers only
+        schema = request.json_schema
         if schema is not None and style == "json_schema":
             payload["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "row", "schema": schema, "strict": True}}
@@ -273,12 +274,18 @@ class OpenAIHTTPBackend:
             payload["messages"] = messages
             return f"{self.base}/chat/completions", payload
         payload["prompt"] = request.prompt
-        if schema is not None and style is not None:
-            payload["json_schema"] = schema  # llama-server's own field on /completions
+        # A raw prompt goes to /completions, where OpenAI's API has no response_format. llama-server
+        # (and llamafile's) reads its own `json_schema` field there; llama-cpp-python's server reads
+        # a GBNF `grammar` (the request's, made from the same schema by the same converter). A server
+        # reads one of the two and refuses both together; others ignore unknown fields.
+        if schema is not None and style is not None and self.server == "llama-server":
+            payload["json_schema"] = schema
+        elif request.grammar:
+            payload["grammar"] = request.grammar
         return f"{self.base}/completions", payload
 
     def _post(self, request: GenerationRequest) -> tuple[dict, dict, dict]:
-        schema = getattr(request, "json_schema", None)
+        schema = request.json_schema
         while True:
             style_index = self._schema_style_index
             url, payload = self._payload(request, _SCHEMA_STYLES[style_index])

@@ -45,8 +45,8 @@ def resolve_model(name_or_path: str | None) -> Path:
         return default_model_path()
     spec = str(name_or_path)
     if spec.startswith(("http://", "https://")):
-        raise ModelError(f"--model {spec}: OpenAI-compatible servers are not wired into the row jobs yet; "
-                         "pass a GGUF file, ollama:NAME, gpt4all:FILE or a .llamafile")
+        raise ModelError(f"--model {spec} is a server, not a model file; this command needs a GGUF file, "
+                         "ollama:NAME, gpt4all:FILE or a .llamafile (the row jobs, summarize and extract, take servers)")
     if spec.startswith("ollama:"):
         name = spec.removeprefix("ollama:")
         blob = stores.resolve_ollama(name)

@@ -25,7 +25,7 @@ import llama_cpp
 import numpy as np
 
 from tokenmill.models.base import GenerationRequest
-from tokenmill.models.llama_sampling import PENALTY_LAST_N, LogCapture, RowError
+from tokenmill.models.llama_sampling import PENALTY_LAST_N, LogCapture, RowError, token_piece
 
 TOP_K_FIRST = 64  # greedy grammar rows: where to look for the best allowed token before the whole vocabulary
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
@@ -35,6 +35,8 @@ class Candidates:
     """A reusable llama_token_data_array over the whole vocabulary (one per engine)."""
 
     def __init__(self, vocab):
+        self.vocab = vocab
+        self._quotes: np.ndarray | None = None
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.data = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
@@ -78,6 +80,25 @@ class Candidates:
         allowed = np.flatnonzero(np.isfinite(data["logit"]))
         return int(data["id"][allowed[0]]) if len(allowed) else None
 
+    def quote_tokens(self) -> np.ndarray:
+        """Tokens whose text starts with a double quote (what closes a JSON string), found once."""
+        if self._quotes is None:
+            self._quotes = np.array([t for t in range(self.n_vocab) if token_piece(self.vocab, t)[:1] == b'"'],
+                                    dtype=np.int64)
+        return self._quotes
+
+    def best_closing(self, grammar, logits: np.ndarray) -> int | None:
+        """The highest-logit token starting with `"` that `grammar` allows, or None."""
+        quotes = self.quote_tokens()
+        data = np.zeros(len(quotes), dtype=TOKEN_DATA)
+        data["id"], data["logit"] = quotes, logits[quotes]
+        arr = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), size=len(quotes), selected=-1,
+            sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
+        allowed = np.flatnonzero(np.isfinite(data["logit"]))
+        return int(data["id"][allowed[np.argmax(data["logit"][allowed])]]) if len(allowed) else None
+
     def allows(self, grammar, token: int) -> bool:
         """Whether `grammar` (in its current state) accepts `token` next."""
         one = self._one
@@ -109,12 +130,28 @@ class RowSampler:
         self.chain = _chain(vocab, req)
         # plain greedy (no penalty changes a logit): the best allowed token can be found without the chain
         self.greedy = req.temperature == 0 and req.repeat_penalty == 1.0
+        self.closing = False  # a string repeats itself: end it with the best allowed `"` token (see watch)
+        self.logprob = 0.0 if req.logprobs and self.grammar is not None else None  # see _score
+
+    def watch(self, text: bytes) -> None:
+        """After each token of a grammar row: a JSON string that repeats a phrase is closed next."""
+        if self.grammar is not None and not self.closing:
+            self.closing = repeats(open_string(text))
 
     def sample(self, ctx, idx: int) -> int:
         """Pick the next token from batch position `idx` and accept it."""
         if self.grammar is None:
             return llama_cpp.llama_sampler_sample(self.chain, ctx, idx)  # picks and accepts
         c = self.candidates
+        if self.logprob is not None:
+            return self._score(ctx, idx)
+        if self.closing:
+            self.closing = False
+            token = c.best_closing(self.grammar, c.logits(ctx, idx))
+            if token is not None:
+                self.stats["repeats_stopped"] = self.stats.get("repeats_stopped", 0) + 1
+                self.accept(token)
+                return token
         if self.greedy:
             token = self._greedy(ctx, idx)
             self.accept(token)
@@ -129,6 +166,22 @@ class RowSampler:
             llama_cpp.llama_sampler_apply(self.grammar, cur)
             llama_cpp.llama_sampler_apply(self.chain, cur)
             token = c.selected()
+        self.accept(token)
+        return token
+
+    def _score(self, ctx, idx: int) -> int:
+        """Sample as usual from the grammar-allowed tokens, and add log p(chosen | allowed) (the
+        model's softmax renormalized over what the grammar allows: for a choice among labels, the
+        probability of the chosen one among them)."""
+        c = self.candidates
+        cur = c.fill(ctx, idx)
+        llama_cpp.llama_sampler_apply(self.grammar, cur)
+        logits = c.data["logit"].astype(np.float64)
+        allowed = np.isfinite(logits)
+        llama_cpp.llama_sampler_apply(self.chain, cur)
+        token = c.selected()
+        top = logits[allowed].max()
+        self.logprob += float(logits[token] - top - np.log(np.exp(logits[allowed] - top).sum()))
         self.accept(token)
         return token
 
@@ -164,6 +217,33 @@ class RowSampler:
         if self.grammar is not None:
             llama_cpp.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+def open_string(text: bytes) -> bytes:
+    """What follows the opening quote when `text` (JSON being written) ends inside a string, else b""."""
+    inside, escaped, start = False, False, 0
+    for i, byte in enumerate(text):
+        if inside and escaped:
+            escaped = False
+        elif inside and byte == 0x5C:  # backslash
+            escaped = True
+        elif byte == 0x22:  # a quote
+            inside, start = not inside, i + 1
+    return text[start:] if inside else b""
+
+
+REPEAT_MIN_CHARS = 12  # a phrase repeated this many characters' worth (and at least 3 times) is a loop
+
+
+def repeats(text: bytes) -> bool:
+    """Whether `text` ends with one phrase written three times or more in a row, covering at least
+    REPEAT_MIN_CHARS characters ("one of the one of the one of the", "!!!!!!!!!!!!")."""
+    for length in range(1, len(text) // 3 + 1):
+        unit = text[-length:]
+        times = max(3, -(-REPEAT_MIN_CHARS // length))
+        if len(text) >= length * times and text.endswith(unit * times):
+            return True
+    return False
 
 
 def _chain(vocab, req: GenerationRequest):

@@ -16,6 +16,7 @@ GGUF answers all four; a server answers what its API exposes:
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import httpx
@@ -27,7 +28,9 @@ from tokenmill.models.openai_http import parse_url
 class ServerModelInfo:
     """The subset of ModelInfo's interface a server can answer; `has_tokenizer` tells the rest."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    def __init__(self, url: str, timeout_s: float = 600.0):
+        # llama-cpp-python's server tokenizes behind the generations it is running (one lock):
+        # a tokenize call may wait as long as a row takes
         self.path = url
         self.base, self.root, model = parse_url(url)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
@@ -38,15 +41,40 @@ class ServerModelInfo:
             raise ModelError(f"cannot reach the model server {url}: {reason} (is it running?)") from None
         if listed.status_code != 200:
             raise ModelError(f"the model server {url} answered GET {self.base}/models with HTTP {listed.status_code}")
-        ids = [m.get("id") for m in (listed.json().get("data") or []) if isinstance(m, dict)]
+        entries = [m for m in (listed.json().get("data") or []) if isinstance(m, dict)]
+        ids = [m.get("id") for m in entries]
         self.model = model or (ids[0] if ids else "default")
+        # what the server says of the model beyond its name (llama-server: parameters, size, vocab)
+        self.model_meta = next((m.get("meta") for m in entries if m.get("id") == self.model), None)
         self.props: dict[str, Any] = self._json("GET", f"{self.root}/props") or {}
         self.kind = "llama-server" if self.props else "other"
         if self.kind == "other" and self._tokens_llama_cpp_python("x") is not None:
             self.kind = "llama-cpp-python"
+        self.digest = self._ollama_digest()
         self.metadata: dict[str, str] = {"general.name": self.model}
         if self.props.get("chat_template"):
             self.metadata["tokenizer.chat_template"] = str(self.props["chat_template"])
+
+    def _ollama_digest(self) -> str | None:
+        """Ollama names each model's content by digest (`/api/tags`); other servers have no such list."""
+        tags = self._json("GET", f"{self.root}/api/tags")
+        listed = tags.get("models") if isinstance(tags, dict) else None
+        for entry in listed or []:
+            if isinstance(entry, dict) and self.model in (entry.get("name"), entry.get("model")):
+                return entry.get("digest")
+        return None
+
+    @property
+    def identity(self) -> str:
+        """What row keys know the model by: a SHA-256 of the server's model id, its digest where the
+        server gives one (Ollama) and the model's description (llama-server's parameter count, size
+        and vocabulary), so a different model behind the same name gets new keys where the server
+        tells them apart."""
+        import hashlib
+        import json
+
+        described = {"model": self.model, "digest": self.digest, "meta": self.model_meta}
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
     def _json(self, method: str, url: str, body: dict | None = None) -> Any:
         try:
@@ -58,6 +86,25 @@ class ServerModelInfo:
     def _tokens_llama_cpp_python(self, text: str) -> list[int] | None:
         reply = self._json("POST", f"{self.root}/extras/tokenize", {"input": text, "model": self.model})
         return reply.get("tokens") if isinstance(reply, dict) else None
+
+    def _tokens(self, text: str, special: bool) -> list[int]:
+        """The server's tokens for `text`; a ModelError naming the URL when it does not answer."""
+        if self.kind == "llama-server":
+            url, body = f"{self.root}/tokenize", {"content": text, "add_special": special, "parse_special": special}
+        else:
+            url, body = f"{self.root}/extras/tokenize", {"input": text, "model": self.model}
+        try:
+            response = self._client.post(url, json=body)
+            tokens = response.json().get("tokens") if response.status_code == 200 else None
+        except httpx.HTTPError as exc:
+            raise ModelError(f"the model server {self.path} did not tokenize a prompt: "
+                             f"{str(exc).splitlines()[0][:200] or type(exc).__name__}") from None
+        except (ValueError, AttributeError):
+            tokens = None
+        if not isinstance(tokens, list):
+            raise ModelError(f"the model server {self.path} did not tokenize a prompt (POST {url} answered "
+                             f"HTTP {response.status_code})")
+        return tokens
 
     @property
     def has_tokenizer(self) -> bool:
@@ -71,15 +118,7 @@ class ServerModelInfo:
     def tokenize(self, text: str) -> list[int]:
         """Tokens as the server feeds its model: BOS added when the model wants one, special tokens parsed."""
         self._require_tokenizer()
-        if self.kind == "llama-server":
-            reply = self._json("POST", f"{self.root}/tokenize",
-                               {"content": text, "add_special": True, "parse_special": True})
-            tokens = reply.get("tokens") if isinstance(reply, dict) else None
-        else:
-            tokens = self._tokens_llama_cpp_python(text)
-        if tokens is None:
-            raise ModelError(f"the model server {self.path} did not tokenize a prompt")
-        return tokens
+        return self._tokens(text, special=True)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -89,11 +128,12 @@ class ServerModelInfo:
         server can say so; llama-cpp-python's server always parses them)."""
         self._require_tokenizer()
         if self.kind == "llama-server":
-            reply = self._json("POST", f"{self.root}/tokenize",
-                               {"content": text, "add_special": False, "parse_special": False})
-            if isinstance(reply, dict) and "tokens" in reply:
-                return len(reply["tokens"])
-        return max(0, len(self.tokenize(text)) - len(self.tokenize("")))
+            return len(self._tokens(text, special=False))
+        return max(0, len(self.tokenize(text)) - self._empty_tokens)
+
+    @cached_property
+    def _empty_tokens(self) -> int:
+        return len(self.tokenize(""))
 
     @property
     def bos_token(self) -> str:
@@ -105,7 +145,7 @@ class ServerModelInfo:
 
     @property
     def adds_bos(self) -> bool:
-        return self.has_tokenizer and len(self.tokenize("")) > 0
+        return self.has_tokenizer and self._empty_tokens > 0
 
     @property
     def chat_template(self) -> str | None:
@@ -118,6 +158,10 @@ class ServerModelInfo:
     @property
     def name(self) -> str:
         return self.model
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 0  # the server holds the KV cache; its size is not tokenmill's to choose
 
     @property
     def n_ctx_train(self) -> int:

@@ -18,7 +18,8 @@ from tokenmill.ledger import OutputLock
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import ModelWorker, supports_grammar
+from tokenmill.models import registry
+from tokenmill.pool import ModelWorker
 from tokenmill.schema import Validator, grammar
 from tokenmill.sim.context import AgentContext, Turn, restore_contexts
 from tokenmill.sim.checkpoint import StepStore, frame, read_run_info, write_run_info
@@ -99,7 +100,7 @@ class Simulation:
     def __init__(self, config: SimConfig):
         self.config = config
         self.spec = effective_spec(config)
-        if not supports_grammar(config.backend):
+        if registry.get(config.backend).schema != "grammar":
             raise InputError(f"--backend {config.backend} cannot constrain actions with a grammar; use llama or llama-simple")
         self.out = Path(config.out) if config.out else default_out(config.spec)
         self.model_path = resolve_model(self.spec.model.path)
@@ -229,7 +230,7 @@ class Simulation:
     def settings(self) -> ModelSettings:
         slots = self.config.n_seq or min(len(self.spec.agents), 16)
         n_ctx = self.spec.model.n_ctx
-        total = n_ctx * (slots + 1) if self.config.backend == "llama" else n_ctx
+        total = registry.get(self.config.backend).context_tokens(n_ctx, slots)
         # Streams as large as a chat may grow from the start: growing them later drops what slots hold.
         # No jump-forward: it decodes a row's forced tokens in parts laid out by whatever else runs in
         # that call, so a resumed run (whose first step evaluates whole chats and starts generating at

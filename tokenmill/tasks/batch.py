@@ -21,7 +21,6 @@ import polars as pl
 from tokenmill.errors import TemplateError
 from tokenmill.io.parts import write_atomic
 from tokenmill.io.readers import ROW, InputTable
-from tokenmill.pool import supports_grammar
 from tokenmill.schema import grammar as schema_grammar
 from tokenmill.tasks.batch_requests import Problem, RequestFile, read_requests
 from tokenmill.tasks.longdoc import DoesNotFit
@@ -149,9 +148,9 @@ class BatchJob(Job):
                 param="messages" if spec["kind"] == "chat" else "prompt", code="context_length_exceeded").error())
         grammar = None
         if (fmt := spec["response_format"]) is not None:
-            if not supports_grammar(c.backend):
+            if not self.backend.constrains:
                 raise Refused(Problem(row["line"], f"response_format {fmt['type']} needs grammar support, which "
-                                      f"--backend {c.backend} does not have", param="response_format",
+                                      f"--backend {self.backend.name} does not have", param="response_format",
                                       code="unsupported_parameter").error())
             try:
                 grammar = _grammar(json.dumps(fmt, sort_keys=True))
@@ -161,6 +160,8 @@ class BatchJob(Job):
                                       code="unsupported_schema").error()) from None
         options = {"max_tokens": max_tokens, "temperature": params.get("temperature", c.temperature),
                    "seed": params.get("seed", c.seed), "stop": params.get("stop", [])}
+        if fmt is not None and fmt.get("schema") is not None:
+            options["json_schema"] = fmt["schema"]  # for a backend that takes schemas (a server)
         if "top_p" in params:
             options["top_p"] = params["top_p"]
         key = row_key(self.model_sha, prompt, {**self.params, **options, "grammar": grammar})

@@ -19,15 +19,14 @@ from tokenmill.contract import USAGE_FILE, results_schema
 from tokenmill.errors import OutputError, TemplateError
 from tokenmill.io.parts import prepare_out_dir
 from tokenmill.io.readers import ROW, InputTable
+from tokenmill.models import registry
 from tokenmill.models.base import ModelSettings
 from tokenmill.models.family import detect_family
-from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.machine import free_cores, load_calibration
-from tokenmill.models.resolve import model_sha256, resolve_model
-from tokenmill.pool import DEFAULT_RUNTIME, capability, supports_grammar
+from tokenmill.models.reference import backend_for, open_model
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
-from tokenmill.tasks.plans import MapReduce, Repair, SingleCall
+from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import finish
 from tokenmill.tasks.spec import (DEFAULT_SLOTS, KV_BUDGET_BYTES, MAX_CHARS_PER_TOKEN, MAX_DEFAULT_SLOTS, JobConfig,
                                   RowKeys, TaskSpec, row_key)
@@ -64,9 +63,14 @@ class Planner:
         self.config = config
         self.task = task
         self.table = self.open_input()
-        self.model_path = resolve_model(config.model)
-        self.model_info = ModelInfo(self.model_path)
+        self.model = open_model(config.model)  # resolved once: location, identity, tokenizer
+        self.backend = backend_for(self.model, config.backend)  # the registry's entry; never named here
+        self.backend_options = registry.validate_options(self.backend, config.backend_options)
+        self.model_path = self.model.path or self.model.location
+        self.model_info = self.model.info
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
+        if callable(task.grammar):
+            task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
         self.template = load_task_template(task.name, config.prompt, family=self.family) if task.template else None
         if self.template is not None:
             self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES,
@@ -74,28 +78,29 @@ class Planner:
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
         available = set(self.table.columns) | STANDARD_VARIABLES
         # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
-        self.use_grammar = bool(task.grammar) and config.grammar and supports_grammar(config.backend)
+        self.use_grammar = bool(task.grammar) and config.grammar and self.backend.constrains
         self.repair_template = None
         if task.grammar and not self.use_grammar:
             self.repair_template = load_task_template("repair", family=self.family)
             self.repair_template.check_variables(available, TASK_VARIABLES["repair"])
         self.reduce_template = None
-        if task.splits and config.split_long:
+        self.splitting = task.splits and config.split_long
+        if self.splitting and task.merge is None:
             self.reduce_template = load_task_template("reduce", family=self.family)
             self.reduce_template.check_variables(available, TASK_VARIABLES["reduce"])
         self.out = Path(config.out) if config.out else _default_out(config.input, task.name)
         if create_out:
             check_out_dir_task(self.out, task.name)
             prepare_out_dir(self.out)
-        self.model_sha = model_sha256(self.model_path)
+        self.model_sha = self.model.identity
         self.params = {
             "max_tokens": config.max_tokens, "temperature": config.temperature, "seed": config.seed,
             "stop": task.stop, "task": task.name, "grammar": task.grammar if self.use_grammar else None, **task.key,
         }
         if self.repair_template is not None:
             self.params["repair"] = [config.max_retries, self.repair_template.source]
-        if (runtime := capability(config.backend, "runtime")) != DEFAULT_RUNTIME:  # other text: own keys
-            self.params["runtime"] = runtime
+        if self.backend.runtime != registry.DEFAULT_RUNTIME:  # other text: own keys
+            self.params["runtime"] = self.backend.runtime
         # a long text's parts depend on the context size; its result on the combining template
         self.split_params = {"split_n_ctx": config.n_ctx,
                              "reduce": self.reduce_template.source if self.reduce_template else None}
@@ -119,17 +124,16 @@ class Planner:
         holds n_ctx x (slots + 1, the shared-prefix sequence)."""
         c = self.config
         slots = c.n_seq or self.default_slots()
-        total = c.n_ctx * (slots + 1) if c.backend == "llama" else c.n_ctx
-        return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots,
-                             n_threads=c.n_threads or self.default_threads(), n_gpu_layers=c.n_gpu_layers,
-                             backend=c.backend)
+        return ModelSettings(model_path=str(self.model_path), n_ctx=self.backend.context_tokens(c.n_ctx, slots),
+                             n_seq=slots, n_threads=c.n_threads or self.default_threads(),
+                             n_gpu_layers=c.n_gpu_layers, backend=self.backend.name, options=self.backend_options)
 
     def default_threads(self) -> int:
         """Without --threads: what --calibrate found best for this model here (else every core),
         but no more than the cores other programs leave free right now (models/machine.py).
         Decided once per job, before its worker or Prefect start."""
         if self._threads is None:
-            if not self.config.backend.startswith("llama"):
+            if self.backend.runtime != registry.DEFAULT_RUNTIME:  # not llama.cpp in a worker of ours
                 self._threads = 0  # the backend's own default
             else:
                 best = (load_calibration(self.model_sha) or {}).get("threads") or os.cpu_count() or 1
@@ -223,7 +227,7 @@ class Planner:
         text = row.get(column)
         if text is None or (isinstance(text, str) and not text.strip()):
             raise DoesNotFit(f"column {column!r} is empty in this row")
-        splitting = self.reduce_template is not None
+        splitting = self.splitting
         hint = " (or let it be cut into parts: --split-long)" if self.task.splits and not splitting else ""
         parts_allowed = c.max_chunks if splitting else 1
         if len(str(text)) > MAX_CHARS_PER_TOKEN * c.n_ctx * parts_allowed:  # cannot fit, whatever the tokenizer
@@ -243,13 +247,18 @@ class Planner:
             if self.repair_template is not None:
                 return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
                                    attempts=c.max_retries + 1)
-            return key, SingleCall(prompt, self.task.grammar if self.use_grammar else None)
+            if self.use_grammar:
+                return key, RetryAtLimit(prompt, self.task.grammar, self._problem)
+            return key, SingleCall(prompt)
         if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
         parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
                              self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
-        plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
+        if self.task.merge is not None:
+            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None, self.task.merge)
+        else:
+            plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
         return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
 
     def _problem(self, reply: str) -> str | None:
@@ -268,5 +277,5 @@ class Planner:
 
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
-        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype)
+        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
         return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)

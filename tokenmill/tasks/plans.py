@@ -21,6 +21,7 @@ class Call:
 
     prompt: str
     grammar: str | None = None
+    repeat_penalty: float = 1.0
     options: dict = field(default_factory=dict)  # GenerationRequest fields that override the job's (batch rows)
 
 
@@ -40,6 +41,7 @@ class _Usage:
             prompt_tokens=sum(c.prompt_tokens for c in calls), cached_tokens=sum(c.cached_tokens for c in calls),
             completion_tokens=sum(c.completion_tokens for c in calls), queue_ms=calls[0].queue_ms,
             prompt_ms=sum(c.prompt_ms for c in calls), decode_ms=sum(c.decode_ms for c in calls),
+            logprob=None if error else last.logprob,
         )
 
 
@@ -85,6 +87,56 @@ class Repair(SingleCall):
         if problem is None:
             return self.usage.merged(completion)
         return [Call(self._retry_prompt(completion.text or "", problem))]
+
+
+RETRY_REPEAT_PENALTY = 1.3  # the second try of a grammar row that ran out of tokens
+
+
+class RetryAtLimit(SingleCall):
+    """A grammar row that hit --max-tokens with unfinished JSON gets one more try with repetition
+    penalised; only then is it an error, keeping the raw text of that last try."""
+
+    def __init__(self, prompt: str, grammar: str | None, check: Callable[[str], str | None]):
+        super().__init__(prompt, grammar)
+        self._check = check
+
+    def feed(self, slot: int, completion: Completion) -> Next:
+        self.usage.calls.append(completion)
+        if (len(self.usage.calls) == 1 and completion.finish_reason == "length"
+                and self._check(completion.text or "") is not None):
+            return [Call(self._call.prompt, self._call.grammar, RETRY_REPEAT_PENALTY)]
+        return self.usage.merged(completion)
+
+
+class MergeParts:
+    """Extract from each part of a long document with the grammar, then merge the parts' objects
+    field by field in Python (tasks/merge.py): no combining call."""
+
+    def __init__(self, part_prompts: list[str], grammar: str | None, merge: Callable[[list[str]], str]):
+        self.chunks = len(part_prompts)
+        self._calls = [Call(p, grammar) for p in part_prompts]
+        self._merge = merge
+        self._texts: list[str | None] = [None] * len(part_prompts)
+        self.usage = _Usage()
+
+    @property
+    def calls(self) -> int:
+        return len(self.usage.calls)
+
+    def start(self) -> list[Call]:
+        return list(self._calls)
+
+    def feed(self, slot: int, completion: Completion) -> Next:
+        self.usage.calls.append(completion)
+        if completion.finish_reason == "error":
+            return self.usage.merged(completion, error=f"part {slot + 1} of {self.chunks}: {completion.error}")
+        self._texts[slot] = completion.text or ""
+        if any(t is None for t in self._texts):
+            return []
+        try:
+            return self.usage.merged(completion, text=self._merge(self._texts))
+        except ValueError as exc:
+            return self.usage.merged(completion, error=f"merging {self.chunks} parts: {exc}")
 
 
 class MapReduce:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from tokenmill.contract import CACHED, DUPLICATE, GENERATED, REUSABLE, SKIPPED, results_schema  # noqa: F401
@@ -16,7 +17,10 @@ def from_completion(info: dict, c: Completion, model: str, run_id: str) -> dict:
         "prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens, "completion_tokens": c.completion_tokens,
         "latency_ms": c.queue_ms + c.prompt_ms + c.decode_ms, "queue_ms": c.queue_ms, "prompt_ms": c.prompt_ms,
         "decode_ms": c.decode_ms, "model": model, "run_id": run_id,
-        "produced": GENERATED if c.finish_reason in REUSABLE or c.text is not None else SKIPPED,
+        # sent to the model, whatever came back: a row that failed there (a server that went away, a
+        # worker that died twice) is retried by the next run, unlike a row never sent (SKIPPED)
+        "produced": GENERATED,
+        "confidence": math.exp(c.logprob) if c.logprob is not None else None,
     }
 
 

@@ -91,7 +91,7 @@ class Job(Planner):
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage."""
-        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.config.backend,
+        stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
                          device="none (no rows generated)")
         if run_id:
             stats.run_id = run_id

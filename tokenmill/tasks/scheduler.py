@@ -110,7 +110,9 @@ class Scheduler:
             self.calls[index] = (key, slot)
             self.worker.submit(GenerationRequest(**{
                 "index": index, "prompt": call.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature,
-                "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar, **call.options}))
+                "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar,
+                "repeat_penalty": call.repeat_penalty, "logprobs": task.confidence,
+                "json_schema": task.json_schema if call.grammar else None, **call.options}))
 
     def _complete(self, completion) -> None:
         key, slot = self.calls.pop(completion.index)

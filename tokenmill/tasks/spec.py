@@ -38,7 +38,8 @@ class JobConfig:
     n_seq: int = 0
     n_gpu_layers: int = -1
     n_threads: int = 0  # 0: calibrated or every core, less the cores busy elsewhere (Planner.default_threads)
-    backend: str = "llama"
+    backend: str | None = None  # a name in tokenmill.models.registry; None: the model's default (llama, http)
+    backend_options: dict = field(default_factory=dict)  # checked by the backend's registry entry
     chunk_size: int = 32
     max_words: int = 40
     split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
@@ -46,6 +47,10 @@ class JobConfig:
     grammar: bool = True  # extract: constrain output with the schema's grammar where the backend can
     max_retries: int = 2  # extract without grammar: new tries after an invalid reply
     schema: str | None = None  # extraction: a JSON Schema file or a job spec holding one
+    examples: str | None = None  # extraction: few-shot examples (tokenmill.examples), in the shared prefix
+    merge: str | dict | None = None  # extraction with split_long: per-field merge rules (tasks/merge.py)
+    labels: str | None = None  # tag: comma-separated labels or a file listing them (tasks/tag.py)
+    multi: bool = False  # tag: several labels per row
     hang_timeout_s: float = 300.0
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
@@ -85,10 +90,14 @@ class TaskSpec:
     parse: Callable[[str], Any] = str
     output_dtype: Any = pl.String
     stop: list[str] = field(default_factory=list)
-    grammar: str | None = None  # GBNF constraining every row's output
+    grammar: str | Callable[[int, Callable[[str], int]], str] | None = None  # GBNF constraining every row's
+    # output, or grammar(max_tokens, count_text_tokens) giving it once the model's tokenizer is known
+    json_schema: dict | None = None  # the schema the grammar was made from, for backends that take schemas
     variables: dict[str, Any] = field(default_factory=dict)  # extra template variables (e.g. schema)
     key: dict[str, Any] = field(default_factory=dict)  # what else identifies a generation (e.g. the schema)
     splits: bool = False  # a text too long for the context is summarized in parts and combined
+    merge: Callable[[list[str]], str] | None = None  # parts' replies merged in Python, not by a reduce prompt
+    confidence: bool = False  # ask the backend for token log-probabilities: a `confidence` column (tag)
     template: bool = True  # rows are rendered with a task template (batch requests bring their own messages)
 
 

@@ -1,0 +1,97 @@
+"""--split-long for extract: a document several times longer than --n-ctx, fields in different parts."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from tests.conftest import REPO
+from tokenmill.tasks.merge import FieldMerger, merge_rules, merge_values
+
+SPEC = REPO / "jobs" / "restaurants.yaml"
+
+# Paragraphs about the place without any field but its name, around three short passages, each stating
+# other fields. (Measured with SmolLM2-135M on paragraphs that never named the place: parts without the
+# name made one up, "The Town Council Meeting", and a majority of such parts outvoted the real one.)
+FILLER = ("The Wrestlers opened many years ago in an old stone building. Its owners restored the beams and the "
+          "floor, and they keep a small garden behind the house where herbs grow in summer. Visitors often stop "
+          "to read the notes on the history of the building that hang by the door.")
+PASSAGES = [
+    "Section 1. The Wrestlers is a pub that serves Japanese food.",
+    "Section 2. The Wrestlers has a customer rating of 5 out of 5 and is family-friendly.",
+    "Section 3. The Wrestlers is in the riverside area near Raja Indian Cuisine.",
+]
+
+
+def long_document(fillers_between: int = 14) -> str:
+    blocks = []
+    for passage in PASSAGES:
+        blocks.append(passage)
+        blocks += [FILLER] * fillers_between
+    return "\n\n".join(blocks)
+
+
+def test_merge_rules_first_majority_union():
+    assert merge_values([None, "a", "b", "b"], "first") == "a"
+    assert merge_values(["a", "b", None, "b"], "majority") == "b"
+    assert merge_values(["a", "b"], "majority") == "a"  # a tie: the earliest
+    assert merge_values([["x", "y"], None, ["y", "z"]], "union") == ["x", "y", "z"]
+    assert merge_values([None, None], "first") is None
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string", "x-merge": "majority"},
+                                               "tags": {"type": "array", "items": {"type": "string"}}}}
+    assert merge_rules(schema, None) == {"a": "first", "b": "majority", "tags": "union"}
+    assert merge_rules(schema, "a=majority")["a"] == "majority"
+    assert merge_rules(schema, {"a": "majority"})["a"] == "majority"
+    merged = FieldMerger(merge_rules(schema, None))(['{"a": null, "b": "x", "tags": ["t"]}', '{"a": "A", "b": "y"',
+                                                     '{"a": "B", "b": "y", "tags": ["u", "t"]}'])
+    assert json.loads(merged) == {"a": "B", "b": "x", "tags": ["t", "u"]}  # the unfinished second part is left out
+
+
+@pytest.mark.parametrize("option, needle", [("name=union", "needs an array"), ("nope=first", "'nope'"),
+                                            ("name=best", "unknown"), ("name", "FIELD=RULE")])
+def test_bad_merge_option_is_refused_before_any_row(tmp_path, option, needle):
+    from tokenmill.errors import InputError
+    from tokenmill.schema import load_schema
+
+    schema, _ = load_schema(str(SPEC))
+    with pytest.raises(InputError, match=needle):
+        merge_rules(schema, option)
+
+
+@pytest.fixture(scope="module")
+def long_run(run_flow, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("longextract")
+    text = long_document()
+    pl.DataFrame({"id": ["doc"], "text": [text]}).write_parquet(tmp / "long.parquet")
+    out = tmp / "out"
+    args = [str(tmp / "long.parquet"), "--schema", str(SPEC), "--n-ctx", "768", "--max-tokens", "160",
+            "--id-column", "id", "--out", str(out), "--no-cache"]
+    refused = run_flow("extract", *args, "--out", str(tmp / "refused"))
+    result = run_flow("extract", *args, "--split-long", "--merge", "name=majority")
+    return text, refused, result, out, tmp
+
+
+def test_without_split_long_the_long_document_fails_alone_with_a_hint(long_run):
+    _text, refused, _result, _out, tmp = long_run
+    df = pl.read_parquet(tmp / "refused" / "results.parquet")
+    assert refused.returncode == 3 and df["status"].to_list() == ["error"]
+    assert "--split-long" in df["error"][0]
+
+
+def test_split_long_extracts_each_part_and_merges_fields_from_different_parts(long_run):
+    text, _refused, result, out, _tmp = long_run
+    from tokenmill.models.gguf_info import ModelInfo
+    from tokenmill.models.resolve import default_model_path
+
+    assert ModelInfo(default_model_path()).count_text_tokens(text) > 3 * 768  # several times --n-ctx
+    assert result.returncode == 0, result.stderr
+    row = pl.read_parquet(out / "results.parquet").row(0, named=True)
+    assert row["status"] == "ok" and row["chunks"] >= 4 and row["calls"] == row["chunks"], row
+    got = row["extracted"]
+    assert got["name"] == "The Wrestlers", got  # every part names it: the majority (--merge name=majority)
+    # (Which part's value wins for the other fields is not asserted: SmolLM2-135M rarely writes null and
+    # tends to the first enum value, so `first` often keeps a made-up value from part 1.)
+    usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
+    assert usage["calls"] == row["calls"] and json.loads(usage["params"])["merge"]["name"] == "majority"

@@ -1,0 +1,129 @@
+"""The row jobs by URL (`--model http://HOST:PORT/v1`) against a real llama-cpp-python server on
+loopback: extraction with the server's JSON Schema support, a server stopped mid-run and restarted,
+and the backend registry's checks (options, model kinds) on the command line."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jsonschema
+import polars as pl
+import pytest
+
+from flows._servers import LoopbackServer
+from tests.conftest import DATASETS, REPO, assert_one_line_error
+from tokenmill.models import registry
+from tokenmill.models.resolve import default_model_path
+from tokenmill.schema import load_schema
+
+pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
+
+SPEC = REPO / "jobs" / "restaurants.yaml"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LoopbackServer("llama-cpp-python", default_model_path(), tmp_path_factory.mktemp("srv") / "log") as s:
+        yield s
+
+
+def test_extraction_by_url_uses_the_servers_json_schema_and_every_row_is_valid(server, run_flow, tmp_path):
+    e2e = DATASETS / "e2e" / "dev.csv"
+    if not e2e.exists():
+        pytest.skip(f"shared dataset missing: {e2e}")
+    out = tmp_path / "out"
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--limit", "8",
+                      "--model", server.url, "--out", str(out), "--no-cache", "--max-tokens", "160")
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(out / "results.parquet")
+    assert df["status"].to_list() == ["ok"] * 8, df.select("row", "error")
+    assert (df["calls"] == 1).all()  # constrained by the server: no repair turns were needed
+    schema, _ = load_schema(str(SPEC))
+    for raw in df["raw_output"].to_list():
+        jsonschema.validate(json.loads(raw), schema)
+    usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
+    assert usage["backend"] == "http" and server.url in usage["device"]
+    assert json.loads(usage["params"])["runtime"] == "http"  # its own row keys, never a llama.cpp row's
+
+
+def _summarize_cmd(data, out, url) -> list[str]:
+    return [sys.executable, "-m", "flows.summarize", str(data), "--model", url, "--out", str(out), "--no-cache",
+            "--max-tokens", "16", "--chunk-size", "1", "--concurrency", "1", "--backend-option", "retries=2",
+            "--backend-option", "backoff_s=0.2", "--no-progress"]
+
+
+def test_server_stopped_mid_run_fails_its_rows_alone_and_the_same_command_finishes_them(
+        prefect_server, scitldr_parquet, tmp_path):
+    s = LoopbackServer("llama-cpp-python", default_model_path(), tmp_path / "server.log").start()
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"],
+           "TOKENMILL_CACHE_DIR": str(tmp_path / "cache")}
+    try:
+        run = subprocess.Popen(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list((out / "parts").glob("*.parquet"))) < 2:
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.1)
+        s.stop()  # two rows are done; the server dies with eight to go
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 3, stderr  # finished, with row errors
+        df = pl.read_parquet(out / "results.parquet")
+        failed = df.filter(pl.col("status") == "error")
+        assert df.height == 10 and (df["status"] == "ok").sum() >= 2 and failed.height >= 1
+        for error in failed["error"].to_list():
+            assert s.url in error and "gave up after 3 tries" in error, error
+        s.start()  # the same port again
+        again = subprocess.run(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+    finally:
+        s.stop()
+    df = pl.read_parquet(out / "results.parquet")
+    assert df["status"].to_list() == ["ok"] * 10 and all(t.strip() for t in df["summary"].to_list())
+    usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
+    assert usage["rows_generated"] == failed.height and usage["rows_resumed"] == 10 - failed.height
+
+
+def test_backend_options_and_model_kinds_are_checked_on_one_line(run_cli_here, scitldr_parquet, tmp_path):
+    out = str(tmp_path / "o")
+    cases = [
+        (["--backend-option", "nope=1"], ["--backend-option nope", "--backend llama has no such option"]),
+        (["--concurrency", "2"], ["--backend-option concurrency", "--backend llama"]),
+        (["--backend", "http"], ["--backend http needs a server URL"]),
+        (["--backend-option", "retries"], ["'retries' is not KEY=VALUE"]),
+    ]
+    for extra, needles in cases:
+        assert_one_line_error(run_cli_here("summarize", str(scitldr_parquet), "--out", out, *extra), *needles)
+    assert not (tmp_path / "o" / "results.parquet").exists()
+
+
+def test_http_options_are_typed_and_unknown_ones_refused():
+    http = registry.get("http")
+    assert registry.validate_options(http, {"concurrency": "3", "retries": "0"})["concurrency"] == 3
+    with pytest.raises(Exception, match="retries='-1'.*greater than or equal to 0"):
+        registry.validate_options(http, {"retries": "-1"})
+    with pytest.raises(Exception, match="has no such option .*concurrency, timeout_s"):
+        registry.validate_options(http, {"concurency": "3"})
+
+
+def test_a_server_that_is_down_is_refused_before_any_row(run_cli_here, scitldr_parquet, tmp_path):
+    from flows._servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = run_cli_here("summarize", str(scitldr_parquet), "--out", str(tmp_path / "o"), "--model", url)
+    assert_one_line_error(result, url, "connection refused")
+
+
+def test_the_runner_and_the_pool_name_no_backend():
+    """Everything that differs between backends is in the registry: no backend's name appears as a
+    string in the runner, the planner or the worker pool."""
+    for path in ("tokenmill/tasks/runner.py", "tokenmill/tasks/plans.py", "tokenmill/pool.py"):
+        tree = ast.parse((REPO / path).read_text())
+        strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not strings & set(registry.NAMES), (path, strings & set(registry.NAMES))
