@@ -52,7 +52,7 @@ class SingleCall:
     chunks = 1
 
     def __init__(self, prompt: str, grammar: str | None = None, options: dict | None = None):
-        self._call = Call(prompt, grammar, options or {})
+        self._call = Call(prompt, grammar, options=options or {})
         self.usage = _Usage()
 
     def start(self) -> list[Call]:
@@ -104,7 +104,7 @@ class RetryAtLimit(SingleCall):
         self.usage.calls.append(completion)
         if (len(self.usage.calls) == 1 and completion.finish_reason == "length"
                 and self._check(completion.text or "") is not None):
-            return [Call(self._call.prompt, self._call.grammar, RETRY_REPEAT_PENALTY)]
+            return [Call(self._call.prompt, self._call.grammar, RETRY_REPEAT_PENALTY, self._call.options)]
         return self.usage.merged(completion)
 
 
