@@ -76,7 +76,10 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
     p.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
                    help="an option of the chosen backend, checked before any row (repeatable); --backend http: "
                         + ", ".join(f"{name} ({f.description})" for name, f in registry.HTTPOptions.model_fields.items()))
-    p.add_argument("--chunk-size", type=int, default=32, help="rows per read chunk and per results part")
+    p.add_argument("--chunk-size", type=int, default=32, help="rows read, rendered and looked up together (default 32)")
+    p.add_argument("--part-rows", type=int, default=50_000,
+                   help="most finished rows in one Parquet part under OUT/parts (default 50000); a part is also "
+                        "written every second while rows finish, so a killed run loses at most a second of work")
     p.add_argument("--no-strip", dest="strip", action="store_false",
                    help="keep whitespace around outputs (a parsing option: rows are re-parsed, not regenerated)")
     p.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=True,
@@ -103,7 +106,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         **dataset, "input": args.input, "model": args.model, "out": args.out, "prompt_family": args.prompt_family,
         "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "limit": args.limit,
         "n_ctx": args.n_ctx, "n_seq": args.n_seq, "n_gpu_layers": args.n_gpu_layers, "n_threads": args.threads,
-        "backend": args.backend, "backend_options": backend_options(args), "chunk_size": args.chunk_size,
+        "backend": args.backend, "backend_options": backend_options(args), "chunk_size": args.chunk_size, "part_rows": args.part_rows,
         "strip": args.strip, "retry_errors": args.retry_errors,
         "cache": not args.no_cache, "cache_dir": args.cache, "price_input_per_mtok": args.price_input,
         "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout, **extra})

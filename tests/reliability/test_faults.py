@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO, run_echo, scitldr_rows
 
-FAST = ["--max-tokens", "16", "--chunk-size", "2", "--no-cache", "--no-progress"]
+FAST = ["--max-tokens", "16", "--chunk-size", "2", "--part-rows", "2", "--no-cache", "--no-progress"]
 
 
 def _env(prefect_server) -> dict:
@@ -170,6 +170,7 @@ def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, datase
 def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_path):
     out = tmp_path / "out"
     proc = _start(prefect_server, str(dataset), "--out", str(out), "--max-tokens", "400", "--chunk-size", "1",
+                  "--part-rows", "1",
                   "--no-cache", "--no-progress")
     # generating: a first row is written, so its rows are admitted and it reads no more requests
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
@@ -216,6 +217,7 @@ def test_disk_full_stops_with_a_clear_error_and_readable_parts(prefect_server, t
     pl.DataFrame(rows).write_parquet(data)
     out = tiny_disk / "out"
     result = _finish(prefect_server, str(data), "--out", str(out), "--max-tokens", "24", "--chunk-size", "2",
+                     "--part-rows", "2",
                      "--no-cache", "--no-progress")
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]

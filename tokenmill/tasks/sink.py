@@ -39,6 +39,7 @@ class ResultSink:
         self.on_chunk = on_chunk
         self.writer = PartWriter(planner.out, stats.run_id)
         self.buffer: list[dict] = []
+        self.part_rows = min(MAX_PART_ROWS, planner.config.part_rows)
         self.pending: dict[str, dict] = {}  # row key -> new record of a row in `buffer`, not in the index yet
         self.recent: dict[str, dict] = {}  # records moved to the index since the scheduler last looked there
         self._flushed_at = self._called_at = time.monotonic()
@@ -60,7 +61,7 @@ class ResultSink:
         self.bar.update(1)
         if new and result.get("row_key") is not None:
             self.pending[result["row_key"]] = result
-        if len(self.buffer) >= MAX_PART_ROWS or time.monotonic() - self._flushed_at >= FLUSH_S:
+        if len(self.buffer) >= self.part_rows or time.monotonic() - self._flushed_at >= FLUSH_S:
             self.flush()
 
     def generated(self, record: dict) -> None:

@@ -41,6 +41,7 @@ class JobConfig:
     backend: str | None = None  # a name in tokenmill.models.registry; None: the model's default (llama, http)
     backend_options: dict = field(default_factory=dict)  # checked by the backend's registry entry
     chunk_size: int = 32
+    part_rows: int = 50_000  # most rows in one results part (a part is also written every second)
     max_words: int = 40
     split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
     max_chunks: int = 100  # most parts one text may be cut into
@@ -75,6 +76,8 @@ class JobConfig:
             raise InputError(f"--threads must be 0 (automatic) or more, got {self.n_threads}")
         if self.chunk_size <= 0:
             raise InputError(f"--chunk-size must be positive, got {self.chunk_size}")
+        if self.part_rows <= 0:
+            raise InputError(f"--part-rows must be positive, got {self.part_rows}")
         if self.max_chunks <= 0:
             raise InputError(f"--max-chunks must be positive, got {self.max_chunks}")
         if self.max_retries < 0:
