@@ -3,7 +3,6 @@ real default model in temporary folders and run end to end through flows.summari
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,16 +16,9 @@ from tokenmill.models import stores
 from tokenmill.models.gguf_header import read_header_file
 from tokenmill.models.layouts import build_llamafile, build_ollama_store
 from tokenmill.models.resolve import default_model_path, resolve_model
+from tokenmill.models.resolve import file_sha256 as _sha256
 
 RESULT_COLUMNS = ["id", "status", "summary", "finish_reason", "prompt_tokens", "completion_tokens"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
@@ -18,6 +17,7 @@ from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import default_model_path
 from tokenmill.prompts import ChatTemplate, load_task_template
 from tokenmill.sandbox import MAX_RENDER_SECONDS, sandbox
+from tokenmill.models.resolve import file_sha256 as _sha256
 
 # MARKER is replaced by a file path; a template that manages to run a command would create it.
 HOSTILE = {
@@ -155,14 +155,6 @@ def load_info(path: Path) -> ModelInfo:
     """ModelInfo as tokenmill builds it: load_llama keeps llama-cpp-python from compiling the GGUF's
     template (it would fold `'x' * 10**10` and the like while loading, outside tokenmill's sandbox)."""
     return ModelInfo(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_the_gguf_copy_is_faithful(smollm_reader, tmp_path):

@@ -13,14 +13,7 @@ import zipfile
 from pathlib import Path
 
 from tokenmill.models import stores
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tokenmill.models.resolve import file_sha256 as _sha256
 
 
 def build_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> Path:

@@ -131,6 +131,15 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_sha256(path: Path) -> str:
     """SHA-256 of the model file, cached by path + size + mtime so it is computed once."""
     stat = path.stat()
@@ -142,11 +151,7 @@ def model_sha256(path: Path) -> str:
         index = {}
     if key in index:
         return index[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    index[key] = digest.hexdigest()
+    index[key] = file_sha256(path)
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
