@@ -539,3 +539,51 @@ def test_chat_template_for_model_uses_the_embedded_model():
     assert chat.source == info.chat_template
     assert chat.wrap("Hi") == _llama_cpp(info.chat_template, [{"role": "user", "content": "Hi"}],
                                          bos=info.bos_token, eos=info.eos_token)
+
+
+# --- SlotRenderer: a template that only prints its per-row variables renders without Jinja per row
+
+_ROWS = [{"text": "Plain text.", "title": "T"}, {"text": "  {{ braces }} and \x00tokenmill-slot-0\x00 markers \n", "title": None},
+         {"text": "é中😀\n\nsecond paragraph", "title": 3.5}, {"text": "x" * 5000, "title": ["a", 1]}]
+
+
+@pytest.mark.parametrize("task,family", [(t, f) for t in ("summarize", "extract") for f in ("default", "smollm", "gemma")])
+def test_shipped_templates_render_the_same_with_slots(task, family):
+    template = load_task_template(task, family=family)
+    constants = {"max_words": 25, "fields": [{"name": "food", "type": "string", "enum": ["Thai", "Pub"]}],
+                 "examples": [{"text": "A pub.", "json": '{"eatType": "pub"}'}], "schema": {"type": "object"}}
+    for row in _ROWS:
+        variables = {**row, **constants, "row": row}
+        fast = template.slots(variables, {"text", "title", "row"})
+        assert fast is not None, f"{template.name} should print its row variables only"
+        assert fast.render(variables) == template.render(variables)
+
+
+@pytest.mark.parametrize("source", [
+    "{{ text | upper }}",  # a filter
+    "{% if text %}{{ text }}{% endif %}",  # a condition
+    "{{ text[:10] }}",  # a slice
+    "{{ row.title }}: {{ text }}",  # an attribute of a per-row value
+    "{% set t = text %}{{ t }}",  # an assignment
+    "{% for text in ['a'] %}{{ text }}{% endfor %}",  # a loop that shadows it
+    "{% macro m(x) %}{{ x }}{% endmacro %}{{ m(text) }}",  # a macro
+    "{{ 'Title: ' ~ title }}",  # a concatenation
+])
+def test_templates_that_do_more_than_print_a_row_variable_get_no_slots(tmp_path, source):
+    path = tmp_path / "t.j2"
+    path.write_text(source)
+    template = load_task_template("summarize", str(path))
+    assert template.slots({"text": "abc", "title": "T", "row": {"title": "T"}, "max_words": 5},
+                          {"text", "title", "row"}) is None
+
+
+def test_constant_expressions_and_loops_over_constants_keep_slots(tmp_path):
+    path = tmp_path / "t.j2"
+    path.write_text("{% for f in fields %}{{ f.name | upper }}: {{ text }}\n{% endfor %}{% if max_words > 3 %}"
+                    "at most {{ max_words }} words{% endif %} ({{ title }})")
+    template = load_task_template("summarize", str(path))
+    variables = {"text": "the text", "title": None, "row": {}, "max_words": 9, "fields": [{"name": "a"}, {"name": "b"}]}
+    fast = template.slots(variables, {"text", "title", "row"})
+    assert fast is not None
+    assert fast.render(variables) == template.render(variables) == (
+        "A: the text\nB: the text\nat most 9 words (None)")

@@ -113,6 +113,48 @@ def test_rows_finished_before_a_crash_are_kept_and_not_generated_again(tmp_path,
     assert df["row"].to_list() == list(range(5000)) and df["row_key"].n_unique() == 5000
 
 
+def test_duplicates_are_found_while_the_index_is_written_in_the_background(tmp_path, small_parts, monkeypatch):
+    """Index writes run in a background thread (io/background.py); slow ones must not let a
+    duplicate through while its original is between the part and the index."""
+    from tokenmill.io.index import FolderIndex
+
+    # every odd row from 800 on repeats the row 800 before it: about one part back
+    texts = [f"Row {i - 800 if i >= 800 and i % 2 else i}: a short text." for i in range(4000)]
+    pl.DataFrame({"id": list(range(4000)), "text": texts}).write_parquet(tmp_path / "in.parquet")
+    real = FolderIndex.add_part
+
+    def slow(self, part, records):
+        time.sleep(0.05)
+        real(self, part, records)
+
+    monkeypatch.setattr(FolderIndex, "add_part", slow)
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert stats.rows_generated == len(set(texts)) and stats.rows_duplicate == 4000 - len(set(texts))
+
+
+def test_a_failed_index_write_fails_the_run_and_the_next_run_recovers_from_the_parts(tmp_path, small_parts, monkeypatch):
+    from tokenmill.io.index import FolderIndex
+
+    _input(tmp_path / "in.parquet", 3000, repeat_every=10**9)
+    real = FolderIndex.add_part
+    calls = []
+
+    def failing(self, part, records):
+        calls.append(part)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        real(self, part, records)
+
+    monkeypatch.setattr(FolderIndex, "add_part", failing)
+    with pytest.raises(OSError, match="disk full"):
+        run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    monkeypatch.setattr(FolderIndex, "add_part", real)
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert stats.rows_resumed >= 1400 and stats.rows_generated + stats.rows_resumed == 3000
+    df = pl.read_parquet(tmp_path / "out" / RESULTS_FILE)
+    assert df["row"].to_list() == list(range(3000)) and df["row_key"].n_unique() == 3000
+
+
 def _burn(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import polars as pl
 
 RESULTS_FILE = "results.parquet"
@@ -37,6 +38,15 @@ REUSABLE = ("stop", "length")  # finish reasons whose raw output can be reused
 STORED_FIELDS = ("row_key", "raw_output", "finish_reason", "error", "prompt_tokens", "cached_tokens",
                  "completion_tokens", "chunks", "calls", "latency_ms", "queue_ms", "prompt_ms", "decode_ms", "model",
                  "produced", "run_id", "confidence")
+
+
+def dump_record(record: dict) -> bytes:
+    """A record's STORED_FIELDS as JSON, as the folder index and the results cache keep them."""
+    return orjson.dumps({k: record.get(k) for k in STORED_FIELDS}, default=str)
+
+
+def load_record(data: bytes | str) -> dict:
+    return orjson.loads(data)
 
 
 def results_schema(output_column: str, output_dtype: Any, id_dtype: Any, confidence: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tokenmill.contract import LOCK_FILE, REUSABLE, STORED_FIELDS
+from tokenmill.contract import LOCK_FILE, REUSABLE, dump_record, load_record
 from tokenmill.errors import InputError
 from tokenmill.io.index import select_many
 from tokenmill.models.resolve import cache_root
@@ -32,28 +32,44 @@ class ResultCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS results (row_key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        self._pending: list[tuple[str, bytes]] = []
+        self._writes: sqlite3.Connection | None = None  # write's, for a background thread
 
     def get(self, key: str) -> dict | None:
         row = self._db.execute("SELECT record FROM results WHERE row_key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return load_record(row[0]) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         return dict(select_many(self._db, "SELECT row_key, record FROM results WHERE row_key IN ({})", keys))
 
     def put(self, record: dict) -> None:
-        if record.get("finish_reason") not in REUSABLE:
-            return
-        stored = {k: record.get(k) for k in STORED_FIELDS}
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN")
-        self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (record["row_key"], json.dumps(stored)))
+        """Keep a reusable record; `commit` writes it."""
+        if record.get("finish_reason") in REUSABLE:
+            self._pending.append((record["row_key"], dump_record(record)))
 
     def commit(self) -> None:
-        if self._db.in_transaction:
-            self._db.execute("COMMIT")
+        """Write the records kept since the last commit, in one transaction."""
+        self.write(self.take())
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """The records kept since the last call, for `write` (perhaps in another thread)."""
+        taken, self._pending = self._pending, []
+        return taken
+
+    def write(self, records: list[tuple[str, bytes]]) -> None:
+        """Store `records` (from `take`). Callable from one other thread, on a connection of its own."""
+        if not records:
+            return
+        if self._writes is None:
+            self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        with self._writes:
+            self._writes.execute("BEGIN")
+            self._writes.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", records)
 
     def close(self) -> None:
         self.commit()
+        if self._writes is not None:
+            self._writes.close()
         self._db.close()
 
 

@@ -9,16 +9,18 @@ templates with a mode where a missing message key is falsy (real templates depen
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jinja2
 import jinja2.meta
+from jinja2 import nodes
 
-from tokenmill.errors import TemplateError
+from tokenmill.errors import TemplateError, TemplateSecurityError
 from tokenmill.models.family import DEFAULT, FAMILIES, detect_family
-from tokenmill.sandbox import compile_template, render_safely, sandbox
+from tokenmill.sandbox import MAX_OUTPUT_CHARS, compile_template, render_safely, sandbox
 
 PROMPTS_DIR = Path(os.environ.get("TOKENMILL_PROMPTS_DIR") or Path(__file__).resolve().parents[1] / "prompts")
 
@@ -70,6 +72,60 @@ class TaskTemplate:
 
     def render(self, variables: Mapping[str, Any]) -> str:
         return render_safely(self.template, variables, self.name)
+
+    def slots(self, variables: Mapping[str, Any], per_row: set[str]) -> "SlotRenderer | None":
+        """A faster `render` for templates that only print the per-row variables (see
+        SlotRenderer), or None when the template does anything else with them."""
+        return SlotRenderer.build(self, variables, per_row)
+
+
+_SLOT = "\x00tokenmill-slot-{}\x00"
+_SLOT_RE = re.compile("\x00tokenmill-slot-(\\d+)\x00")
+# Nodes that bring in other templates or change how their body prints.
+_OPAQUE = (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.Include, nodes.Import, nodes.FromImport,
+           nodes.Extends, nodes.Block, nodes.With, nodes.Scope, nodes.OverlayScope, nodes.ScopedEvalContextModifier)
+
+
+class SlotRenderer:
+    """`TaskTemplate.render` for a template whose per-row variables (a row's text and columns)
+    appear only as bare `{{ name }}` outputs, where Jinja prints `str(value)` and nothing else
+    depends on them. Such a template renders once, in the sandbox, with a marker in place of
+    each per-row variable; a row's prompt is the text between the markers joined with its own
+    values. Any other use (a filter, a test, a condition, an attribute, an assignment) and
+    `build` returns None: the caller renders every row with Jinja."""
+
+    def __init__(self, pieces: list[str], slots: list[str], name: str):
+        self._pieces, self._slots, self.name = pieces, slots, name
+
+    @classmethod
+    def build(cls, template: TaskTemplate, variables: Mapping[str, Any], per_row: set[str]) -> "SlotRenderer | None":
+        tree = sandbox().parse(template.source)
+        if any(isinstance(node, _OPAQUE) for node in tree.find_all(nodes.Node)):
+            return None
+        used: set[str] = set()
+        for parent in tree.find_all(nodes.Node):
+            for child in parent.iter_child_nodes():
+                if isinstance(child, nodes.Name) and child.name in per_row:
+                    if child.ctx != "load" or not isinstance(parent, nodes.Output):
+                        return None
+                    used.add(child.name)
+        names = sorted(used)
+        skeleton = render_safely(template.template, {**variables, **{n: _SLOT.format(i) for i, n in enumerate(names)}},
+                                 template.name)
+        parts = _SLOT_RE.split(skeleton)
+        return cls(parts[0::2], [names[int(i)] for i in parts[1::2]], template.name)
+
+    def render(self, variables: Mapping[str, Any]) -> str:
+        pieces = self._pieces
+        out = [pieces[0]]
+        for name, piece in zip(self._slots, pieces[1:]):
+            out.append(str(variables[name]))
+            out.append(piece)
+        text = "".join(out)
+        if len(text) > MAX_OUTPUT_CHARS:
+            raise TemplateSecurityError(f"template {self.name} tried an unsafe operation and was stopped: its "
+                                        f"output is over the limit of {MAX_OUTPUT_CHARS:,} characters")
+        return text
 
 
 def _family(family: str | None) -> str:

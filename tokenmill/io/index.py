@@ -20,7 +20,7 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
-from tokenmill.contract import INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, STORED_FIELDS
+from tokenmill.contract import INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, STORED_FIELDS, dump_record, load_record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, ok INTEGER NOT NULL, run_id TEXT, record TEXT NOT NULL)
@@ -33,10 +33,6 @@ _UPSERT = ("INSERT INTO records VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE S
            "run_id = excluded.run_id, record = excluded.record WHERE excluded.ok >= records.ok")
 
 
-def stored(record: dict) -> dict:
-    return {k: record.get(k) for k in STORED_FIELDS}
-
-
 class FolderIndex:
     """Row key -> stored record for one output folder (see the module doc)."""
 
@@ -44,6 +40,7 @@ class FolderIndex:
         self.out = out
         self.path = out / INDEX_FILE
         self._db = self._open()
+        self._writes: sqlite3.Connection | None = None  # add_part's, for a background thread
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -106,15 +103,14 @@ class FolderIndex:
     # -- records ---------------------------------------------------------------------------
     def get(self, key: str) -> dict | None:
         row = self._db.execute("SELECT record FROM records WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return load_record(row[0]) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         """The stored records of those `keys` the index holds."""
         return dict(select_many(self._db, "SELECT key, record FROM records WHERE key IN ({})", keys))
 
     def put_many(self, records: Iterable[dict]) -> None:
-        self._db.executemany(_UPSERT, ((r["row_key"], r.get("finish_reason") in REUSABLE, r.get("run_id"),
-                                        json.dumps(stored(r), default=str)) for r in records))
+        self._db.executemany(_UPSERT, rows(records))
 
     def put(self, record: dict) -> None:
         self.put_many([record])
@@ -123,18 +119,22 @@ class FolderIndex:
         return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
 
     # -- the run's transaction -------------------------------------------------------------
-    def add_part(self, part: Path, records: Iterable[dict]) -> None:
-        """A part is on disk: add its new records and the part itself, in one transaction."""
+    def add_part(self, part: Path, records: list[tuple]) -> None:
+        """A part is on disk: add its new records (`rows(...)`) and the part itself, in one
+        transaction. Callable from one other thread (tokenmill.io.background), on a connection
+        of its own, while this thread reads."""
         stat = part.stat()
-        self._db.execute("BEGIN")
+        if self._writes is None:
+            self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db = self._writes
+        db.execute("BEGIN")
         try:
-            self.put_many(records)
-            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
-                             (self._name(part), stat.st_size, stat.st_mtime_ns))
+            db.executemany(_UPSERT, records)
+            db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (self._name(part), stat.st_size, stat.st_mtime_ns))
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def rollback(self) -> None:
         if self._db.in_transaction:
@@ -160,7 +160,14 @@ class FolderIndex:
 
     def close(self) -> None:
         self.rollback()
+        if self._writes is not None:
+            self._writes.close()
         self._db.close()
+
+
+def rows(records: Iterable[dict]) -> list[tuple]:
+    """Index rows of records: (key, reusable, run_id, stored record)."""
+    return [(r["row_key"], r.get("finish_reason") in REUSABLE, r.get("run_id"), dump_record(r)) for r in records]
 
 
 def select_many(db: sqlite3.Connection, query: str, keys: list[str], size: int = 500):
@@ -168,4 +175,4 @@ def select_many(db: sqlite3.Connection, query: str, keys: list[str], size: int =
     for start in range(0, len(keys), size):
         batch = keys[start:start + size]
         for key, text in db.execute(query.format(",".join("?" * len(batch))), batch):
-            yield key, json.loads(text)
+            yield key, load_record(text)

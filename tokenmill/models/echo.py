@@ -28,7 +28,7 @@ from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
 REPLY_WORDS = 8
-_SPECIAL = re.compile(r"<\|[^|>]*\|>|<s>|</s>")  # chat-template tokens are not words of the text
+_SPECIAL = re.compile(r"<\|[^|>\n]*\|>|<s>|</s>")  # chat-template tokens are not words of the text
 
 
 class Tokenizer(Protocol):
@@ -107,8 +107,7 @@ class EchoBackend:
 def echo_text(prompt: str) -> str:
     """`<8 hex digits of the prompt's SHA-256> <first words of its longest line>`."""
     digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
-    lines = [_SPECIAL.sub(" ", line).strip() for line in prompt.splitlines()]
-    longest = max(lines, key=len, default="")
+    longest = max(_SPECIAL.sub(" ", prompt).splitlines(), key=lambda line: len(line.strip()), default="")
     return " ".join([digest, *longest.split()[:REPLY_WORDS]])
 
 

@@ -24,7 +24,7 @@ from tokenmill.models.base import ModelSettings
 from tokenmill.models.family import detect_family
 from tokenmill.models.machine import free_cores, load_calibration
 from tokenmill.models.reference import backend_for, open_model
-from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, load_task_template
+from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, SlotRenderer, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
 from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import finish
@@ -76,6 +76,7 @@ class Planner:
             self.template.check_variables(set(self.table.columns) | STANDARD_VARIABLES,
                                           TASK_VARIABLES.get(task.name, ()))
         self.chat = ChatTemplate.for_model(self.model_info, self.family)
+        self._slots: SlotRenderer | None | bool = None  # see _slot_renderer
         available = set(self.table.columns) | STANDARD_VARIABLES
         # Extraction on a backend without grammar: validate each reply and ask again (plans.Repair).
         self.use_grammar = bool(task.grammar) and config.grammar and self.backend.constrains
@@ -171,7 +172,18 @@ class Planner:
 
     def render_user(self, row: dict) -> str:
         """The task template's text for one row, before the chat template wraps it."""
-        return self.template.render(self._variables(row)).strip()
+        variables = self._variables(row)
+        fast = self._slot_renderer(variables)
+        return (fast.render(variables) if fast else self.template.render(variables)).strip()
+
+    def _slot_renderer(self, variables: dict) -> SlotRenderer | None:
+        """The task template's SlotRenderer when it has one (decided on the first row, and
+        checked there against Jinja's own rendering), else None."""
+        if self._slots is None:
+            constant = (set(self.task.variables) | {"max_words"}) - {"text", "row"}
+            fast = self.template.slots(variables, set(variables) - constant)
+            self._slots = fast if fast is not None and fast.render(variables) == self.template.render(variables) else False
+        return self._slots or None
 
     def render(self, row: dict) -> str:
         """The full prompt for one row: task template, then the model's chat template."""

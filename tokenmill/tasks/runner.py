@@ -136,7 +136,10 @@ class Job(Planner):
             try:
                 Scheduler(self, worker, index, cache, sink, stats).run()
             except BaseException:
-                sink.flush()  # rows already finished are worth keeping, whatever stopped the run
+                try:
+                    sink.flush()  # rows already finished are worth keeping, whatever stopped the run
+                finally:
+                    sink.settle(raise_errors=False)
                 raise
             finally:
                 sink.close()

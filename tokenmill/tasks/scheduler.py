@@ -54,7 +54,7 @@ class Scheduler:
         looked up at once (see _known)."""
         for chunk in self.planner.planned_chunks():
             keys = [info["row_key"] for info, _plan, error in chunk if error is None]
-            self.sink.recent.clear()  # what they held is in the index now, where this lookup sees it
+            self.sink.before_lookup()
             self._folder = self.index.get_many(keys)
             missing = [k for k in keys if k not in self._folder]
             self._cached = self.cache.get_many(missing) if self.cache is not None and missing else {}

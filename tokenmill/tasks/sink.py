@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Callable
 from tqdm import tqdm
 
 from tokenmill.contract import RESULTS_FILE, USAGE_FILE
-from tokenmill.io.index import FolderIndex
+from tokenmill.io.background import BackgroundWrites
+from tokenmill.io.index import FolderIndex, rows
 from tokenmill.io.parts import PartWriter, append_row
 from tokenmill.ledger import ResultCache
 from tokenmill.usage import RunStats
@@ -41,7 +42,8 @@ class ResultSink:
         self.buffer: list[dict] = []
         self.part_rows = min(MAX_PART_ROWS, planner.config.part_rows)
         self.pending: dict[str, dict] = {}  # row key -> new record of a row in `buffer`, not in the index yet
-        self.recent: dict[str, dict] = {}  # records moved to the index since the scheduler last looked there
+        self.writes = BackgroundWrites()  # index and cache writes of written parts; tags: their `pending`
+        self.recent: dict[str, dict] = {}  # records in the index since the scheduler last looked there
         self._flushed_at = self._called_at = time.monotonic()
         self.bar = tqdm(total=planner.table.rows, unit="row", file=sys.stderr, disable=not progress,
                         dynamic_ncols=True, mininterval=0.5)
@@ -71,24 +73,59 @@ class ResultSink:
 
     def lookup(self, key: str) -> dict | None:
         """A record this run added that the index may not show yet."""
-        return self.pending.get(key) or self.recent.get(key)
+        found = self.pending.get(key) or self.recent.get(key)
+        if found is None:
+            for records in self.writes.pending():
+                if (found := records.get(key)) is not None:
+                    break
+        return found
+
+    def before_lookup(self) -> None:
+        """The scheduler is about to read the index: records whose writes have finished will be
+        there, so they need not be kept here (unfinished ones stay visible through `lookup`)."""
+        self._committed()
+        self.recent.clear()
+
+    def _committed(self) -> None:
+        for records in self.writes.done():
+            self.recent.update(records)
 
     def flush(self) -> None:
-        """Write the rows finished since the last part, then add them to the index."""
+        """Write the rows finished since the last part; the index and cache take them in the
+        background (io/background.py), the part's name in the same transaction."""
         now = time.monotonic()
         self._flushed_at = now
         if not self.buffer:
             return
         part = self.writer.write(self.planner._frame(self.buffer))
-        self.index.add_part(part, self.pending.values())
-        if self.cache is not None:
-            self.cache.commit()
+        index, cache = self.index, self.cache
+        indexed, cached = rows(self.pending.values()), cache.take() if cache is not None else []
+
+        def write() -> None:
+            index.add_part(part, indexed)
+            if cache is not None:
+                cache.write(cached)
+
+        self._committed()
+        self.writes.submit(write, self.pending)
         self.buffer.clear()
-        self.recent.update(self.pending)
-        self.pending.clear()
+        self.pending = {}
         if self.on_chunk and now - self._called_at >= CALLBACK_S:
             self._called_at = now
             self.on_chunk(self.stats)
+
+    def settle(self, raise_errors: bool = True) -> None:
+        """Wait for the background writes (before the index closes); `raise_errors=False` on
+        the way out of a failed run, whose own error matters more."""
+        try:
+            self._committed()
+            for records in self.writes.wait():
+                self.recent.update(records)
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            self.writes.close()
 
     def close(self) -> None:
         self.bar.close()
@@ -97,6 +134,7 @@ class ResultSink:
         """Every row is in a part: merge them into results.parquet, note it in the index with
         `state` (for a quick rerun), and append the run's usage row."""
         self.flush()
+        self.settle()
         out = self.planner.out
         self.writer.merge(out / RESULTS_FILE, order_by="row")
         self.index.merged(out / RESULTS_FILE, state)

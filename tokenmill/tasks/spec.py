@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import orjson
 import polars as pl
 
 from tokenmill.errors import InputError
@@ -40,7 +41,7 @@ class JobConfig:
     n_threads: int = 0  # 0: calibrated or every core, less the cores busy elsewhere (Planner.default_threads)
     backend: str | None = None  # a name in tokenmill.models.registry; None: the model's default (llama, http)
     backend_options: dict = field(default_factory=dict)  # checked by the backend's registry entry
-    chunk_size: int = 32
+    chunk_size: int = 256
     part_rows: int = 50_000  # most rows in one results part (a part is also written every second)
     max_words: int = 40
     split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
@@ -116,9 +117,12 @@ class RowKeys:
     params: the same keys, without serializing the params again for every row."""
 
     def __init__(self, model_sha: str, params: dict):
-        self._head = "[" + json.dumps(model_sha, ensure_ascii=False) + ", "
-        self._tail = ", " + json.dumps(params, sort_keys=True, ensure_ascii=False) + "]"
+        self._head = ("[" + json.dumps(model_sha, ensure_ascii=False) + ", ").encode("utf-8")
+        self._tail = (", " + json.dumps(params, sort_keys=True, ensure_ascii=False) + "]").encode("utf-8")
 
     def __call__(self, prompt: str) -> str:
-        payload = self._head + json.dumps(prompt, ensure_ascii=False) + self._tail
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        try:  # orjson writes a string as json.dumps(ensure_ascii=False) does, faster
+            text = orjson.dumps(prompt)
+        except TypeError:  # a lone surrogate, which orjson refuses
+            text = json.dumps(prompt, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return hashlib.sha256(self._head + text + self._tail).hexdigest()
