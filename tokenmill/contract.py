@@ -42,7 +42,7 @@ STORED_FIELDS = ("row_key", "raw_output", "finish_reason", "error", "prompt_toke
 
 def dump_record(record: dict) -> bytes:
     """A record's STORED_FIELDS as JSON, as the folder index and the results cache keep them."""
-    return orjson.dumps({k: record.get(k) for k in STORED_FIELDS}, default=str)
+    return orjson.dumps(dict(zip(STORED_FIELDS, map(record.get, STORED_FIELDS))), default=str)
 
 
 def load_record(data: bytes | str) -> dict:

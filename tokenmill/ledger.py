@@ -42,6 +42,9 @@ class ResultCache:
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         return dict(select_many(self._db, "SELECT row_key, record FROM results WHERE row_key IN ({})", keys))
 
+    def empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
+
     def put(self, record: dict) -> None:
         """Keep a reusable record; `commit` writes it."""
         if record.get("finish_reason") in REUSABLE:

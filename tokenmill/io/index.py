@@ -115,6 +115,9 @@ class FolderIndex:
     def put(self, record: dict) -> None:
         self.put_many([record])
 
+    def empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is None
+
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
 
@@ -176,3 +179,27 @@ def select_many(db: sqlite3.Connection, query: str, keys: list[str], size: int =
         batch = keys[start:start + size]
         for key, text in db.execute(query.format(",".join("?" * len(batch))), batch):
             yield key, load_record(text)
+
+
+class KeyFilter:
+    """A Bloom filter of row keys (hex SHA-256, so already uniform): `key in filter` is False
+    for every key never added, and True for one added (or, for about 1% of other keys once
+    10 million are in, by chance). 16 MiB, whatever the number of keys. A run that starts
+    with an empty index or cache asks them only about the keys it has added itself."""
+
+    def __init__(self, bits_log2: int = 27):
+        self._bits = bytearray(1 << (bits_log2 - 3))
+        self._mask = (1 << bits_log2) - 1
+
+    def _positions(self, key: str) -> tuple[int, int, int]:
+        h, m = int(key[:24], 16), self._mask
+        return h & m, (h >> 32) & m, (h >> 64) & m
+
+    def add(self, key: str) -> None:
+        bits = self._bits
+        for p in self._positions(key):
+            bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, key: str) -> bool:
+        bits = self._bits
+        return all(bits[p >> 3] >> (p & 7) & 1 for p in self._positions(key))

@@ -107,7 +107,7 @@ class EchoBackend:
 def echo_text(prompt: str) -> str:
     """`<8 hex digits of the prompt's SHA-256> <first words of its longest line>`."""
     digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
-    longest = max(_SPECIAL.sub(" ", prompt).splitlines(), key=lambda line: len(line.strip()), default="")
+    longest = max([line.strip() for line in _SPECIAL.sub(" ", prompt).splitlines()], key=len, default="")
     return " ".join([digest, *longest.split()[:REPLY_WORDS]])
 
 

@@ -121,7 +121,7 @@ class ModelInfo:
     def eos_token(self) -> str:
         return self._token_text(self._llm.token_eos())
 
-    @property
+    @cached_property
     def adds_bos(self) -> bool:
         return self._llm._model.add_bos_token()
 

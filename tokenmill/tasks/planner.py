@@ -290,4 +290,4 @@ class Planner:
     def _frame(self, rows: list[dict]) -> pl.DataFrame:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
         schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
-        return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+        return pl.DataFrame({k: [r.get(k) for r in rows] for k in schema}, schema=schema)

@@ -17,7 +17,7 @@ import itertools
 from typing import TYPE_CHECKING, Any, Iterator
 
 from tokenmill.contract import CACHED, DUPLICATE, REUSABLE, SKIPPED
-from tokenmill.io.index import FolderIndex
+from tokenmill.io.index import FolderIndex, KeyFilter
 from tokenmill.ledger import ResultCache
 from tokenmill.models.base import GenerationRequest
 from tokenmill.tasks.plans import Call
@@ -48,15 +48,21 @@ class Scheduler:
         self._ids = itertools.count()
         self._folder: dict[str, dict] = {}  # this read chunk's keys the folder's index held at lookup
         self._cached: dict[str, dict] = {}  # ... and those the shared cache held
+        # Started empty, the index (and the cache) can hold only keys this run added: ask them
+        # about those alone (`added`), not about every row.
+        self.added = KeyFilter() if index.empty() else None
+        self._cache_started_empty = cache is not None and self.added is not None and cache.empty()
 
     def _rows(self) -> Iterator[tuple[dict, Any, str | None]]:
         """Planned rows, with what the output folder and the cache hold of each chunk's keys
         looked up at once (see _known)."""
         for chunk in self.planner.planned_chunks():
             keys = [info["row_key"] for info, _plan, error in chunk if error is None]
+            added = self.added
+            ours = keys if added is None else [k for k in keys if k in added]
             self.sink.before_lookup()
-            self._folder = self.index.get_many(keys)
-            missing = [k for k in keys if k not in self._folder]
+            self._folder = self.index.get_many(ours) if ours else {}
+            missing = [k for k in (ours if self._cache_started_empty else keys) if k not in self._folder]
             self._cached = self.cache.get_many(missing) if self.cache is not None and missing else {}
             yield from chunk
 
@@ -97,11 +103,16 @@ class Scheduler:
                 self.sink.emit(p._finish(record, info))  # resumed: as an earlier run left it
                 return
         if (record := self._cached.get(key)) is not None:
+            self._add(key)
             self.sink.emit(p._finish(record, info, CACHED), new=True)
             return
         self.waiting[key] = [info]
         self.plans[key] = plan
         self._submit(key, plan.start())
+
+    def _add(self, key: str) -> None:
+        if self.added is not None:
+            self.added.add(key)
 
     def _submit(self, key: str, new_calls: list[Call]) -> None:
         c, task = self.planner.config, self.planner.task
@@ -131,6 +142,7 @@ class Scheduler:
         record = from_completion(rows_waiting[0], outcome, p.model_info.name, self.stats.run_id)
         record.update(chunks=plan.chunks, calls=plan.calls)
         self.sink.generated(record)
+        self._add(key)
         self.sink.emit(p._finish(record, rows_waiting[0]), new=True)
         for info in rows_waiting[1:]:
             self.sink.emit(p._finish(record, info, DUPLICATE))
