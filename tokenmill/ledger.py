@@ -16,14 +16,14 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tokenmill.contract import LOCK_FILE, REUSABLE, dump_record, load_record
+from tokenmill.contract import LOCK_FILE, load_record
 from tokenmill.errors import InputError
 from tokenmill.io.index import select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
-    """Generated outputs shared across runs and output folders, in one SQLite file. Writes are
-    grouped: `commit` (called as each results part is written) makes them visible to other runs."""
+    """Generated outputs shared across runs and output folders, in one SQLite file. A run writes
+    them a results part at a time (`write`, from tasks/sink.py), visible to other runs at once."""
 
     def __init__(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,6 @@ class ResultCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS results (row_key TEXT PRIMARY KEY, record TEXT NOT NULL)")
-        self._pending: list[tuple[str, bytes]] = []
         self._writes: sqlite3.Connection | None = None  # write's, for a background thread
 
     def get(self, key: str) -> dict | None:
@@ -45,22 +44,9 @@ class ResultCache:
     def empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
-    def put(self, record: dict) -> None:
-        """Keep a reusable record; `commit` writes it."""
-        if record.get("finish_reason") in REUSABLE:
-            self._pending.append((record["row_key"], dump_record(record)))
-
-    def commit(self) -> None:
-        """Write the records kept since the last commit, in one transaction."""
-        self.write(self.take())
-
-    def take(self) -> list[tuple[str, bytes]]:
-        """The records kept since the last call, for `write` (perhaps in another thread)."""
-        taken, self._pending = self._pending, []
-        return taken
-
     def write(self, records: list[tuple[str, bytes]]) -> None:
-        """Store `records` (from `take`). Callable from one other thread, on a connection of its own."""
+        """Store (row key, `contract.dump_record` of a reusable record) pairs, in one transaction.
+        Callable from one other thread (tokenmill.io.background), on a connection of its own."""
         if not records:
             return
         if self._writes is None:
@@ -70,7 +56,6 @@ class ResultCache:
             self._writes.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", records)
 
     def close(self) -> None:
-        self.commit()
         if self._writes is not None:
             self._writes.close()
         self._db.close()

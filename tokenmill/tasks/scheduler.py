@@ -141,7 +141,7 @@ class Scheduler:
         p = self.planner
         record = from_completion(rows_waiting[0], outcome, p.model_info.name, self.stats.run_id)
         record.update(chunks=plan.chunks, calls=plan.calls)
-        self.sink.generated(record)
+        self.sink.generated(key)
         self._add(key)
         self.sink.emit(p._finish(record, rows_waiting[0]), new=True)
         for info in rows_waiting[1:]:
