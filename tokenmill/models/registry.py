@@ -125,7 +125,8 @@ BACKENDS: dict[str, BackendKind] = {kind.name: kind for kind in (
     BackendKind("gpt4all", "one row at a time through the gpt4all package's own llama.cpp (no grammar: "
                 "extraction validates and repairs)", "file", "none", "gpt4all", "one", False, NoOptions, _gpt4all),
     BackendKind("http", "an OpenAI-compatible server named by --model http://HOST:PORT[/v1][#MODEL] (default "
-                "for URLs); JSON Schemas go as its json_schema response format", "url", "json_schema", "http",
+                "for URLs); JSON Schemas go as its json_schema response format; rows go as chat messages where the "
+                "server has no tokenize endpoint (Ollama, vLLM, LM Studio)", "url", "json_schema", "http",
                 "server", False, HTTPOptions, _http, chat=True),
     BackendKind("echo", "zero-cost, no model runs: a short text derived from the prompt (the shortest "
                 "grammar-valid text for extraction), token counts estimated, for measuring overhead and "
