@@ -1,6 +1,7 @@
 """The row jobs by URL (`--model http://HOST:PORT/v1`) against a real llama-cpp-python server on
 loopback: extraction with the server's JSON Schema support, summaries sent as chat messages to a
-server treated as having no tokenizer, a server stopped mid-run and restarted, and the backend registry's checks (options, model kinds) on the command line."""
+server treated as having no tokenizer, a server stopped mid-run and restarted, and the backend
+registry's checks (options, model kinds) on the command line."""
 
 from __future__ import annotations
 
