@@ -31,7 +31,8 @@ def info() -> ModelInfo:
 
 @pytest.fixture(scope="module")
 def echo(info) -> EchoBackend:
-    return EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info)
+    return EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info,
+                       exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def test_the_worker_process_runs_echo_too(info, prompts):
         done = list(worker.run(GenerationRequest(i, p, max_tokens=20) for i, p in enumerate(prompts)))
     finally:
         worker.close()
-    here = EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info)
+    here = EchoBackend(ModelSettings(model_path=str(default_model_path()), n_ctx=2048, backend="echo-exact"), info,
+                       exact=True)
     expected = {c.index: (c.text, c.prompt_tokens, c.completion_tokens)
                 for c in here.generate(GenerationRequest(i, p, max_tokens=20) for i, p in enumerate(prompts))}
     assert {c.index: (c.text, c.prompt_tokens, c.completion_tokens) for c in done} == expected

@@ -19,7 +19,9 @@ from tests.conftest import scitldr_rows
 from tokenmill.errors import ModelError
 from tokenmill.models.base import ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
-from tokenmill.models.openai_http import HTTPRequest, OpenAIHTTPBackend, parse_url
+from tokenmill.models.base import GenerationRequest as Request
+from tokenmill.models.estimate import least_tokens, most_tokens
+from tokenmill.models.openai_http import OpenAIHTTPBackend, parse_url, truncation
 from tokenmill.models.resolve import default_model_path
 
 pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
@@ -107,7 +109,7 @@ def test_ten_scitldr_rows_are_summarized_with_the_servers_usage(server, prompts)
     try:
         assert backend.concurrency == 4 and "4 concurrent" in backend.device()  # no /props: the default
         started = time.perf_counter()
-        completions = list(backend.generate(HTTPRequest(i, p, max_tokens=48) for i, p in enumerate(prompts)))
+        completions = list(backend.generate(Request(i, p, max_tokens=48) for i, p in enumerate(prompts)))
         elapsed = time.perf_counter() - started
     finally:
         backend.close()
@@ -127,7 +129,7 @@ def test_extraction_with_the_servers_json_schema_is_schema_valid(server):
     backend = _backend(server.url)
     rows = scitldr_rows(10)
     try:
-        requests = [HTTPRequest(i, "", max_tokens=96, json_schema=SCHEMA, messages=[
+        requests = [Request(i, "", max_tokens=96, json_schema=SCHEMA, messages=[
             {"role": "user", "content": "Give this paper a short title and the year it might be from, as JSON "
                                         f"with keys title and year.\n\n{row['text'][:1500]}"}])
                     for i, row in enumerate(rows)]
@@ -160,7 +162,7 @@ def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them
     s = Server(_free_port(), tmp_path / "server.log").start()
     try:
         backend = _backend(s.url, concurrency=1, retries=2, backoff_s=0.2)
-        requests = [HTTPRequest(i, p, max_tokens=16) for i, p in enumerate(prompts[:6])]
+        requests = [Request(i, p, max_tokens=16) for i, p in enumerate(prompts[:6])]
         results = {}
         for completion in backend.generate(requests):
             results[completion.index] = completion
@@ -191,13 +193,53 @@ def test_truncation_reported_by_the_server_fails_the_row(server, prompts):
     count = ModelInfo(default_model_path()).count_tokens(prompts[0])
     try:
         exact, overstated = sorted(backend.generate([
-            HTTPRequest(0, prompts[0], max_tokens=4, expected_prompt_tokens=count),
-            HTTPRequest(1, prompts[0], max_tokens=4, expected_prompt_tokens=count + 1)]), key=lambda c: c.index)
+            Request(0, prompts[0], max_tokens=4, expected_prompt_tokens=count),
+            Request(1, prompts[0], max_tokens=4, expected_prompt_tokens=count + 1)]), key=lambda c: c.index)
     finally:
         backend.close()
     assert exact.error is None and exact.prompt_tokens == count
     assert overstated.finish_reason == "error" and server.url in overstated.error
     assert f"read only {count} of the prompt's {count + 1}+ tokens" in overstated.error
+
+
+def test_chat_messages_are_checked_against_their_words_with_a_real_servers_usage(server):
+    """Rows sent as messages, with no count of tokenmill's own (a server without a tokenizer): the
+    server's reported prompt tokens are at least the messages' words, so a real server that read
+    everything passes; the check fails a row only when the report falls short (cut_report below)."""
+    texts = [row["text"] for row in scitldr_rows(3)]
+    backend = _backend(server.url)
+    try:
+        replies = sorted(backend.generate([Request(i, "", max_tokens=4, messages=[
+            {"role": "user", "content": f"Summarize in one sentence:\n\n{t}"}]) for i, t in enumerate(texts)]),
+            key=lambda c: c.index)
+    finally:
+        backend.close()
+    for text, reply in zip(texts, replies):
+        assert reply.error is None and reply.text is not None, reply.error
+        assert least_tokens(text) <= reply.prompt_tokens <= most_tokens(text) + 64  # + the chat template
+        cut_report = least_tokens(text) - 1  # what a server that cut the prompt to fit its context reports
+        request = Request(0, "", messages=[{"role": "user", "content": text}])
+        assert truncation(server.url, "openai-compatible", request, reply.prompt_tokens) is None
+        assert "read only" in truncation(server.url, "openai-compatible", request, cut_report)
+
+
+def test_truncation_check_names_the_fix_and_spares_short_or_unreported_prompts():
+    url = "http://127.0.0.1:11434/v1"
+    long_text = " ".join(f"word{i}" for i in range(300))  # 300 words: at least 300 tokens
+    chat = Request(0, "", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": long_text}])
+    error = truncation(url, "ollama", chat, 120)  # Ollama at a 120-token context kept 120 of them
+    assert error and url in error and "read only 120 of the prompt's 302+ tokens" in error
+    assert "num_ctx" in error and "OLLAMA_CONTEXT_LENGTH" in error and "--n-ctx" in error and "\n" not in error
+    assert truncation(url, "ollama", chat, 302) is None  # every word read
+    assert truncation(url, "ollama", chat, 0) is None  # no usage reported: nothing to judge by
+    short = Request(0, "", messages=[{"role": "user", "content": "one two three"}])
+    assert truncation(url, "ollama", short, 1) is None  # too short to judge: mostly the server's template
+    raw = Request(0, long_text)  # a rendered prompt with no count of tokenmill's own: judged by its words too
+    assert "raise the server's context size" in truncation(url, "vllm", raw, 100)
+    # tokenmill's own count: exact for a rendered prompt, 5% slack for messages the server renders
+    assert truncation(url, "x", Request(0, "p", expected_prompt_tokens=1000), 999) is not None
+    counted = Request(0, "", messages=[{"role": "user", "content": "x"}], expected_prompt_tokens=1000)
+    assert truncation(url, "x", counted, 950) is None and truncation(url, "x", counted, 949) is not None
 
 
 def test_server_model_info_counts_tokens_as_the_local_tokenizer_does(server, prompts):
@@ -212,5 +254,9 @@ def test_server_model_info_counts_tokens_as_the_local_tokenizer_does(server, pro
         assert [remote.count_text_tokens(t) for t in texts] == [local.count_text_tokens(t) for t in texts]
         assert remote.adds_bos == local.adds_bos
         assert remote.name == remote.model and remote.model in _backend(server.url).device()
+        # told to use no tokenizer: counts become estimates at least as large as the server's count
+        blind = ServerModelInfo(server.url, tokenizer="none")
+        assert not blind.has_tokenizer and blind.identity == remote.identity
+        assert all(blind.count_tokens(p) >= local.count_tokens(p) for p in prompts)
     finally:
         remote.close()

@@ -1,6 +1,7 @@
 """The row jobs by URL (`--model http://HOST:PORT/v1`) against a real llama-cpp-python server on
-loopback: extraction with the server's JSON Schema support, a server stopped mid-run and restarted,
-and the backend registry's checks (options, model kinds) on the command line."""
+loopback: extraction with the server's JSON Schema support, summaries sent as chat messages to a
+server treated as having no tokenizer, a server stopped mid-run and restarted, and the backend
+registry's checks (options, model kinds) on the command line."""
 
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def test_extraction_by_url_uses_the_servers_json_schema_and_every_row_is_valid(s
     usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
     assert usage["backend"] == "http" and server.url in usage["device"]
     assert json.loads(usage["params"])["runtime"] == "http"  # its own row keys, never a llama.cpp row's
+
+
+def test_summarize_by_url_without_a_tokenizer_sends_chat_messages_counted_by_the_servers_usage(
+        server, run_flow, scitldr_parquet, tmp_path):
+    """A server tokenmill has no tokenizer for (Ollama's /v1, vLLM, LM Studio), forced here with
+    tokenizer=none: rows go to /v1/chat/completions as messages, the server applies its own chat
+    template, and token counts come from its usage."""
+    from tokenmill.tasks.runner import JobConfig
+    from tokenmill.tasks.summarize import prepare_summarize
+
+    out = tmp_path / "out"
+    result = run_flow("summarize", str(scitldr_parquet), "--model", server.url, "--backend-option", "tokenizer=none",
+                      "--limit", "4", "--max-tokens", "12", "--out", str(out), "--no-cache")
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(out / "results.parquet").sort("row")
+    assert df["status"].to_list() == ["ok"] * 4, df.select("row", "error")
+    assert all(s.strip() for s in df["summary"].to_list()) and (df["calls"] == 1).all()
+    # The server rendered the same messages with the model's template: its usage counts exactly the
+    # tokens of tokenmill's own rendering, counted by the model's tokenizer here.
+    local = prepare_summarize(JobConfig(input=str(scitldr_parquet), limit=4, cache=False), create_out=False)
+    rows = pl.read_parquet(scitldr_parquet).head(4).to_dicts()
+    assert df["prompt_tokens"].to_list() == [local.model_info.count_tokens(local.render(r)) for r in rows]
+    assert ((df["completion_tokens"] > 0) & (df["completion_tokens"] <= 12)).all()
+    assert server.log.read_text().count("POST /v1/chat/completions") >= 4  # the server's access log
+    usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
+    assert usage["prompt_tokens"] == sum(df["prompt_tokens"]) and usage["rows_ok"] == 4
+    assert json.loads(usage["params"])["prompt_as"] == "messages"  # keyed apart from rendered-prompt rows
 
 
 def _summarize_cmd(data, out, url) -> list[str]:

@@ -189,6 +189,20 @@ def chat_template_for(metadata: Mapping[str, str], family: str | None = None,
 _PROBES = ("tokenmill-probe-A", " \n  Tokenmill probe <b>&'\"{{ x }}</b>\n\n ", "\u00e9\u4e2d\n")
 
 
+class ChatPrompt(str):
+    """A conversation for a backend that applies the model's chat template itself (a server whose
+    tokenizer tokenmill cannot use). As a string it is the conversation rendered by ChatTemplate
+    here, which row keys hash and fit planning estimates; `messages` is what the backend is sent.
+    Plans pass prompts through unchanged, so a row's parts, repairs and combining steps keep theirs."""
+
+    messages: list[dict[str, str]]
+
+    def __new__(cls, rendered: str, messages: list[dict[str, str]]) -> "ChatPrompt":
+        prompt = super().__new__(cls, rendered)
+        prompt.messages = [dict(m) for m in messages]
+        return prompt
+
+
 class ChatTemplate:
     """The model's own chat template (GGUF `tokenizer.chat_template`), sandboxed."""
 

@@ -11,7 +11,8 @@ FinishReason = Literal["stop", "length", "error"]
 
 @dataclass
 class GenerationRequest:
-    """One row's generation job. `prompt` is the fully rendered text (chat template applied).
+    """One row's generation job: a fully rendered `prompt` (chat template applied), or chat
+    `messages` for a backend that applies the model's template itself (registry: `chat`).
 
     `prompt` is tokenized with special tokens parsed (so `<|im_start|>` becomes one token)
     and with the model's BOS added when the model asks for it, exactly as
@@ -41,6 +42,13 @@ class GenerationRequest:
     # Grammar rows only: sum the log-probability of each chosen token among the tokens the
     # grammar allows at that step (Completion.logprob); costs a whole-vocabulary pass per token.
     logprobs: bool = False
+    # A conversation sent instead of `prompt`, to a model server that renders it with its own chat
+    # template (one without a tokenizer tokenmill can use: see server_info.py); `prompt` then holds
+    # tokenmill's local rendering of it, for logs. Backends without `chat` never get one.
+    messages: list[dict[str, str]] | None = None
+    # The least prompt tokens the backend should read, by tokenmill's count: a server that reports
+    # fewer cut the prompt (see openai_http.truncation). None: the backend judges from the text.
+    expected_prompt_tokens: int | None = None
 
 
 @dataclass

@@ -51,15 +51,16 @@ class EstimatedCounts:
 
 
 class EchoBackend:
-    """Answers every request at once with text derived from its prompt; counts with `tokenizer`
-    (the job's own, already loaded) or, when none is given, loads the model's vocabulary only."""
+    """Answers every request at once with text derived from its prompt. `exact` (--backend
+    echo-exact, chosen by the registry): counts with `tokenizer` (the job's own, already loaded) or,
+    when none is given, loads the model's vocabulary only; else estimates (EstimatedCounts)."""
 
     polls_input = False
 
-    def __init__(self, settings: ModelSettings, tokenizer: Tokenizer | None = None):
+    def __init__(self, settings: ModelSettings, tokenizer: Tokenizer | None = None, exact: bool = False):
         self.settings = settings
         self.on_step = None
-        if settings.backend != "echo-exact":
+        if not exact:
             tokenizer = EstimatedCounts()
         elif tokenizer is None:
             from tokenmill.models.gguf_info import ModelInfo

@@ -91,6 +91,8 @@ def load_llama(path: Path, **kwargs):
 class ModelInfo:
     """Tokenizer and GGUF metadata of a model file; cheap to load (no weights)."""
 
+    has_tokenizer = True  # exact counts (server_info.ServerModelInfo may have none)
+
     def __init__(self, path: Path):
         self.path = path
         self._llm = load_llama(path, vocab_only=True)

@@ -11,6 +11,11 @@ template itself); one holding `messages` goes to `/v1/chat/completions` and the 
 its template. A JSON Schema becomes `response_format`: OpenAI's `json_schema` form first, then
 llama.cpp's `json_object` + `schema` form; a server that takes neither gets the request
 unconstrained and the caller validates and repairs the reply (as for GPT4All).
+
+Row jobs send `messages` when tokenmill has no tokenizer for the server's model (Ollama, vLLM,
+LM Studio, or `--backend-option tokenizer=none`; see server_info.py). A reply whose reported
+prompt tokens fall short of the prompt is an error row naming the fix (`truncation`): Ollama
+cuts a prompt longer than its context without saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -28,22 +32,11 @@ import httpx
 
 from tokenmill.errors import ModelError
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.estimate import least_tokens
 
 DEFAULT_CONCURRENCY = 4
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _SCHEMA_STYLES = ("json_schema", "json_object", None)  # tried in this order, the first that works is kept
-
-
-@dataclass
-class HTTPRequest(GenerationRequest):
-    """A GenerationRequest with what only an HTTP server can take.
-
-    `messages`: send a conversation (the server applies its chat template) instead of `prompt`.
-    `expected_prompt_tokens`: tokenmill's own count; a server that reports fewer cut the prompt.
-    """
-
-    messages: list[dict[str, str]] | None = None
-    expected_prompt_tokens: int | None = None
 
 
 def is_http_model(spec: str | None) -> bool:
@@ -231,28 +224,10 @@ class OpenAIHTTPBackend:
                               or timings.get("cache_n") or 0),
             prompt_ms=float(timings.get("prompt_ms") or 0.0),
             decode_ms=float(timings.get("predicted_ms") or (time.perf_counter() - started) * 1000))
-        truncated = self._truncation(request, prompt_tokens)
+        truncated = truncation(self.url, self.server, request, prompt_tokens)
         if truncated:
             completion.text, completion.finish_reason, completion.error = None, "error", truncated
         return completion
-
-    def _truncation(self, request: GenerationRequest, reported: int) -> str | None:
-        """A server that read fewer prompt tokens than the prompt holds cut it (Ollama does so
-        silently when a prompt exceeds its context)."""
-        expected = getattr(request, "expected_prompt_tokens", None)
-        text = request.prompt or " ".join(m.get("content", "") for m in getattr(request, "messages", None) or [])
-        if expected:
-            margin = 0 if getattr(request, "messages", None) is None else max(8, expected // 20)
-            short = reported < expected - margin
-        else:  # no count of our own: no vocabulary averages 12 characters a token
-            expected = len(text) // 12
-            short = self.server == "ollama" and len(text) > 4000 and reported < expected
-        if not short or not reported:
-            return None
-        fix = ("raise its context (OLLAMA_CONTEXT_LENGTH=N ollama serve, or num_ctx in a Modelfile)"
-               if self.server == "ollama" else "raise the server's context size")
-        return (f"the model server {self.url} read only {reported} of the prompt's {expected}+ tokens: it cut "
-                f"the prompt to fit its context; {fix}, or shorten the text (--n-ctx)")
 
     def _payload(self, request: GenerationRequest, style: str | None) -> tuple[str, dict]:
         payload: dict[str, Any] = {
@@ -263,7 +238,7 @@ class OpenAIHTTPBackend:
         }
         if request.stop:
             payload["stop"] = list(request.stop)
-        messages = getattr(request, "messages", None)
+        messages = request.messages
         schema = request.json_schema
         if schema is not None and style == "json_schema":
             payload["response_format"] = {"type": "json_schema",
@@ -272,6 +247,8 @@ class OpenAIHTTPBackend:
             payload["response_format"] = {"type": "json_object", "schema": schema}
         if messages is not None:
             payload["messages"] = messages
+            if request.grammar and "response_format" not in payload:
+                payload["grammar"] = request.grammar  # llama.cpp-family servers read it (tag's labels); others ignore it
             return f"{self.base}/chat/completions", payload
         payload["prompt"] = request.prompt
         # A raw prompt goes to /completions, where OpenAI's API has no response_format. llama-server
@@ -323,6 +300,37 @@ class OpenAIHTTPBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+MIN_WORDS_CHECKED = 32  # a shorter conversation is mostly the server's template: nothing to judge by
+
+
+def truncation(url: str, server: str, request: GenerationRequest, reported: int) -> str | None:
+    """Why a reply cannot stand because the server read less of the prompt than it holds, or None.
+
+    Ollama (and LM Studio) cut a prompt longer than their context without saying so; the reply
+    then answers part of the text. The reported prompt tokens tell it: fewer than tokenmill's own
+    count (`expected_prompt_tokens`, from the model's tokenizer: exact for a rendered prompt,
+    5% slack for messages the server renders), or, with no count of tokenmill's own, fewer than the
+    prompt or the messages have words (estimate.least_tokens: no token spans two words).
+    """
+    if not reported:  # a server that reports no usage: nothing to judge by
+        return None
+    expected = request.expected_prompt_tokens
+    if expected:
+        slack = 0 if request.messages is None else max(8, expected // 20)
+        if reported >= expected - slack:
+            return None
+    else:
+        text = request.prompt if request.messages is None else \
+            "\n".join(str(m.get("content") or "") for m in request.messages)
+        expected = least_tokens(text)
+        if expected < MIN_WORDS_CHECKED or reported >= expected:
+            return None
+    fix = ("raise its context to at least --n-ctx (num_ctx: OLLAMA_CONTEXT_LENGTH=N ollama serve, or PARAMETER "
+           "num_ctx N in a Modelfile)" if server == "ollama" else "raise the server's context size to at least --n-ctx")
+    return (f"the model server {url} read only {reported} of the prompt's {expected}+ tokens: it cut the prompt to "
+            f"fit its context; {fix}, or lower --n-ctx to the server's context so long texts are cut into parts")
 
 
 def _reason(exc: Exception) -> str:

@@ -4,7 +4,8 @@ A model file (a GGUF path, `ollama:NAME`, `gpt4all:FILE`, a llamafile, a bare na
 resolve.py) is identified by the file's SHA-256 and counted with its own tokenizer, loaded
 vocab-only. A server (`http://HOST:PORT[/v1][#MODEL]`) is identified by its model id and
 whatever digest or description it gives (server_info.py), and counted with its own tokenize
-endpoint. The backend that runs it comes from the registry (registry.choose).
+endpoint, or, where it has none, sent chat messages and counted from its usage. The backend that
+runs it comes from the registry (registry.choose).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenmill.errors import ModelError
 from tokenmill.models import registry
 from tokenmill.models.openai_http import is_http_model
 
@@ -31,25 +31,26 @@ class ModelReference:
         return Path(self.location) if self.kind == "file" else None
 
 
-def open_model(spec: str | None) -> ModelReference:
+def model_kind(spec: str | None) -> Literal["file", "url"]:
+    return "url" if is_http_model(spec) else "file"
+
+
+def backend_for(spec: str | None, requested: str | None) -> registry.BackendKind:
+    """The registry's backend for `--model spec` (see registry.choose)."""
+    return registry.choose(requested, model_kind(spec), spec or "default")
+
+
+def open_model(spec: str | None, options: dict | None = None) -> ModelReference:
     """Resolve `--model` once; a missing file, unknown name or unreachable server is a ModelError
-    (one line, naming where tokenmill looked or the URL)."""
-    if is_http_model(spec):
+    (one line, naming where tokenmill looked or the URL). `options`: the backend's, checked (a
+    server's `tokenizer`: "none" treats it as one without a tokenize endpoint)."""
+    if model_kind(spec) == "url":
         from tokenmill.models.server_info import ServerModelInfo
 
-        info = ServerModelInfo(str(spec))
-        if not info.has_tokenizer:
-            raise ModelError(f"the model server {spec} has no tokenize endpoint tokenmill knows (llama-server's "
-                             "/tokenize or llama-cpp-python's /extras/tokenize), which the row jobs need to fit "
-                             "prompts to --n-ctx; run the model with llama-server, or point --model at its GGUF "
-                             "(for Ollama: ollama:NAME runs its stored file in-process)")
+        info = ServerModelInfo(str(spec), tokenizer=(options or {}).get("tokenizer", "auto"))
         return ModelReference(spec, "url", str(spec), info, info.identity)
     from tokenmill.models.gguf_info import ModelInfo
     from tokenmill.models.resolve import model_sha256, resolve_model
 
     path = resolve_model(spec)
     return ModelReference(spec, "file", str(path), ModelInfo(path), model_sha256(path))
-
-
-def backend_for(reference: ModelReference, requested: str | None) -> registry.BackendKind:
-    return registry.choose(requested, reference.kind, reference.spec or "default")

@@ -40,6 +40,10 @@ class HTTPOptions(Options):
     retries: int = Field(3, ge=0, description="new tries after a connection error, timeout, 408, 429 or 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first wait between tries; doubles each time")
     max_backoff_s: float = Field(8.0, ge=0, description="longest wait between tries")
+    tokenizer: Literal["auto", "none"] = Field("auto", description="auto: count and render prompts with the "
+                                               "server's tokenize endpoint where it has one (llama-server, "
+                                               "llama-cpp-python); none: send chat messages and count from the "
+                                               "server's usage, as for servers without one (Ollama, vLLM)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the server's API key "
                                                            "(the key itself is never an option: options are logged)")
 
@@ -65,13 +69,20 @@ def _gpt4all(settings: ModelSettings, options: Options, tokenizer: Any):
 def _echo(settings: ModelSettings, options: Options, tokenizer: Any):
     from tokenmill.models.echo import EchoBackend
 
-    return EchoBackend(settings, tokenizer)
+    return EchoBackend(settings, tokenizer, exact=False)
+
+
+def _echo_exact(settings: ModelSettings, options: Options, tokenizer: Any):
+    from tokenmill.models.echo import EchoBackend
+
+    return EchoBackend(settings, tokenizer, exact=True)
 
 
 def _http(settings: ModelSettings, options: HTTPOptions, tokenizer: Any):
     from tokenmill.models.openai_http import OpenAIHTTPBackend
 
     values = options.model_dump()
+    values.pop("tokenizer")  # the planner's choice (reference.open_model), made before the backend loads
     key = os.environ.get(values.pop("api_key_env") or "")
     return OpenAIHTTPBackend(settings, api_key=key or None, **values)
 
@@ -91,6 +102,9 @@ class BackendKind:
     in_process: bool  # cheap enough to run in the caller's process (no worker process to start)
     options: type[Options]
     load: Callable[[ModelSettings, Any, Any], Any]
+    # Takes chat messages (GenerationRequest.messages) and applies the model's template itself:
+    # how rows reach a model whose tokenizer tokenmill cannot use (a server without a tokenize endpoint).
+    chat: bool = False
 
     def context_tokens(self, n_ctx: int, slots: int) -> int:
         """The context to create for `slots` rows of `n_ctx` tokens each."""
@@ -111,13 +125,14 @@ BACKENDS: dict[str, BackendKind] = {kind.name: kind for kind in (
     BackendKind("gpt4all", "one row at a time through the gpt4all package's own llama.cpp (no grammar: "
                 "extraction validates and repairs)", "file", "none", "gpt4all", "one", False, NoOptions, _gpt4all),
     BackendKind("http", "an OpenAI-compatible server named by --model http://HOST:PORT[/v1][#MODEL] (default "
-                "for URLs); JSON Schemas go as its json_schema response format", "url", "json_schema", "http",
-                "server", False, HTTPOptions, _http),
+                "for URLs); JSON Schemas go as its json_schema response format; rows go as chat messages where the "
+                "server has no tokenize endpoint (Ollama, vLLM, LM Studio)", "url", "json_schema", "http",
+                "server", False, HTTPOptions, _http, chat=True),
     BackendKind("echo", "zero-cost, no model runs: a short text derived from the prompt (the shortest "
                 "grammar-valid text for extraction), token counts estimated, for measuring overhead and "
                 "testing orchestration", "file", "grammar", "echo", "one", True, NoOptions, _echo),
     BackendKind("echo-exact", "echo, counted by the model's real tokenizer", "file", "grammar", "echo", "one",
-                True, NoOptions, _echo),
+                True, NoOptions, _echo_exact),
 )}
 NAMES = tuple(BACKENDS)
 

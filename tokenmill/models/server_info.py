@@ -9,9 +9,10 @@ GGUF answers all four; a server answers what its API exposes:
 - llama-server and llamafile: `/props` (chat template, BOS/EOS text, context size) and
   `/tokenize` (with and without special tokens) - everything, as exact as in-process;
 - llama-cpp-python's server: `/extras/tokenize` (BOS added, special tokens parsed);
-- Ollama, vLLM, LM Studio and others: no tokenizer tokenmill can rely on; `has_tokenizer` is
-  False and the runner must send `messages` (the server applies its own template) and judge fit
-  from the server's reported usage (see HTTPRequest.expected_prompt_tokens and the truncation check).
+- Ollama, vLLM, LM Studio and others (or any server with `tokenizer="none"`): no tokenizer
+  tokenmill can rely on; `has_tokenizer` is False, the planner sends `messages` (the server applies
+  its own template), token counts come from the server's usage, and fit planning counts with a
+  generous estimate (estimate.most_tokens; openai_http.truncation catches a prompt the server cut).
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ from typing import Any
 import httpx
 
 from tokenmill.errors import ModelError
+from tokenmill.models.estimate import most_tokens
 from tokenmill.models.openai_http import parse_url
+
+# What llama-server says of a model at /v1/models that only its weights decide; other fields (the
+# training context, new fields in new versions) may change for the same file, and row keys must not.
+_WEIGHTS_META = ("n_params", "n_vocab", "n_embd", "size")
 
 
 class ServerModelInfo:
     """The subset of ModelInfo's interface a server can answer; `has_tokenizer` tells the rest."""
 
-    def __init__(self, url: str, timeout_s: float = 600.0):
+    def __init__(self, url: str, timeout_s: float = 600.0, tokenizer: str = "auto"):
         # llama-cpp-python's server tokenizes behind the generations it is running (one lock):
         # a tokenize call may wait as long as a row takes
         self.path = url
+        self.use_tokenizer = tokenizer != "none"  # "none": as if the server had no tokenize endpoint
         self.base, self.root, model = parse_url(url)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
         try:
@@ -45,7 +52,8 @@ class ServerModelInfo:
         ids = [m.get("id") for m in entries]
         self.model = model or (ids[0] if ids else "default")
         # what the server says of the model beyond its name (llama-server: parameters, size, vocab)
-        self.model_meta = next((m.get("meta") for m in entries if m.get("id") == self.model), None)
+        meta = next((m.get("meta") for m in entries if m.get("id") == self.model), None) or {}
+        self.model_meta = {k: meta[k] for k in _WEIGHTS_META if k in meta} if isinstance(meta, dict) else {}
         self.props: dict[str, Any] = self._json("GET", f"{self.root}/props") or {}
         self.kind = "llama-server" if self.props else "other"
         if self.kind == "other" and self._tokens_llama_cpp_python("x") is not None:
@@ -67,9 +75,9 @@ class ServerModelInfo:
     @property
     def identity(self) -> str:
         """What row keys know the model by: a SHA-256 of the server's model id, its digest where the
-        server gives one (Ollama) and the model's description (llama-server's parameter count, size
-        and vocabulary), so a different model behind the same name gets new keys where the server
-        tells them apart."""
+        server gives one (Ollama) and what the server says that only the weights decide (llama-server's
+        parameter count, size, vocabulary and width), so a different model behind the same name gets
+        new keys where the server tells them apart, and the same weights keep theirs."""
         import hashlib
         import json
 
@@ -108,11 +116,11 @@ class ServerModelInfo:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self.kind in ("llama-server", "llama-cpp-python")
+        return self.use_tokenizer and self.kind in ("llama-server", "llama-cpp-python")
 
     def _require_tokenizer(self) -> None:
         if not self.has_tokenizer:
-            raise ModelError(f"the model server {self.path} has no tokenize endpoint tokenmill knows; "
+            raise ModelError(f"the model server {self.path} has no tokenize endpoint tokenmill uses; "
                              "its prompts are sent as messages and counted from its usage")
 
     def tokenize(self, text: str) -> list[int]:
@@ -121,12 +129,16 @@ class ServerModelInfo:
         return self._tokens(text, special=True)
 
     def count_tokens(self, text: str) -> int:
+        """The server's count; without a tokenizer, a generous estimate (estimate.most_tokens)."""
+        if not self.has_tokenizer:
+            return most_tokens(text)
         return len(self.tokenize(text))
 
     def count_text_tokens(self, text: str) -> int:
         """Plain text inside a prompt: no BOS (special-token names count as ordinary text where the
-        server can say so; llama-cpp-python's server always parses them)."""
-        self._require_tokenizer()
+        server can say so; llama-cpp-python's server always parses them). Estimated without a tokenizer."""
+        if not self.has_tokenizer:
+            return most_tokens(text)
         if self.kind == "llama-server":
             return len(self._tokens(text, special=False))
         return max(0, len(self.tokenize(text)) - self._empty_tokens)

@@ -97,7 +97,7 @@ class BatchJob(Job):
 
     def describe_prompt(self) -> str:
         where = f"request on line {self.first_line}" if self.first_line else "no request renders"
-        return f"{self.model_info.count_tokens(self.first_prompt)} tokens; {where}; {self.chat.name}"
+        return f"{self._count_note(self.first_prompt)}; {where}; {self.chat.name}"
 
     def _prompt(self, spec: dict) -> str:
         if spec["kind"] == "completion":

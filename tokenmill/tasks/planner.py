@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import polars as pl
 
 from tokenmill.contract import USAGE_FILE, results_schema
-from tokenmill.errors import OutputError, TemplateError
+from tokenmill.errors import ModelError, OutputError, TemplateError
 from tokenmill.io.parts import prepare_out_dir
 from tokenmill.io.readers import ROW, InputTable
 from tokenmill.models import registry
@@ -24,7 +24,7 @@ from tokenmill.models.base import ModelSettings
 from tokenmill.models.family import detect_family
 from tokenmill.models.machine import free_cores, load_calibration
 from tokenmill.models.reference import backend_for, open_model
-from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatTemplate, SlotRenderer, load_task_template
+from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatPrompt, ChatTemplate, SlotRenderer, load_task_template
 from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
 from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import finish
@@ -63,11 +63,17 @@ class Planner:
         self.config = config
         self.task = task
         self.table = self.open_input()
-        self.model = open_model(config.model)  # resolved once: location, identity, tokenizer
-        self.backend = backend_for(self.model, config.backend)  # the registry's entry; never named here
+        self.backend = backend_for(config.model, config.backend)  # the registry's entry; never named here
         self.backend_options = registry.validate_options(self.backend, config.backend_options)
+        self.model = open_model(config.model, self.backend_options)  # resolved once: location, identity, tokenizer
         self.model_path = self.model.path or self.model.location
         self.model_info = self.model.info
+        # Without a tokenizer for the model (a server with no tokenize endpoint), rows go as chat
+        # messages the server renders, counted from its usage; fit is judged by an estimate.
+        self.send_messages = not self.model_info.has_tokenizer
+        if self.send_messages and not self.backend.chat:
+            raise ModelError(f"--backend {self.backend.name} cannot send chat messages, which {config.model} needs "
+                             "(tokenmill has no tokenizer for it)")
         self.family = config.prompt_family or detect_family(self.model_info.metadata)
         if callable(task.grammar):
             task.grammar = task.grammar(config.max_tokens, self.model_info.count_text_tokens)
@@ -102,6 +108,8 @@ class Planner:
             self.params["repair"] = [config.max_retries, self.repair_template.source]
         if self.backend.runtime != registry.DEFAULT_RUNTIME:  # other text: own keys
             self.params["runtime"] = self.backend.runtime
+        if self.send_messages:  # the server's rendering of the messages, not the prompt keys hash
+            self.params["prompt_as"] = "messages"
         # a long text's parts depend on the context size; its result on the combining template
         self.split_params = {"split_n_ctx": config.n_ctx,
                              "reduce": self.reduce_template.source if self.reduce_template else None}
@@ -116,8 +124,15 @@ class Planner:
 
     def describe_prompt(self) -> str:
         """What --show-prompt prints after the prompt itself."""
-        return (f"{self.model_info.count_tokens(self.first_prompt)} tokens; family {self.family}; "
+        return (f"{self._count_note(self.first_prompt)}; family {self.family}; "
                 f"task template {self.template.name}; {self.chat.name}")
+
+    def _count_note(self, prompt: str) -> str:
+        n = self.model_info.count_tokens(prompt)
+        if self.send_messages:
+            return (f"at most about {n} tokens (estimated: no tokenizer for this model; sent as chat messages the "
+                    "server renders with its own template)")
+        return f"{n} tokens"
 
     def settings(self) -> ModelSettings:
         """--n-ctx is what one row may use; the batched engine gives each of its slots its own
@@ -168,7 +183,7 @@ class Planner:
         bos = self.model_info.bos_token
         if bos and self.model_info.adds_bos and prompt.startswith(bos):
             prompt = prompt[len(bos):]
-        return prompt
+        return ChatPrompt(prompt, messages) if self.send_messages else prompt
 
     def render_user(self, row: dict) -> str:
         """The task template's text for one row, before the chat template wraps it."""

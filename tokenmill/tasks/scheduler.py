@@ -120,7 +120,8 @@ class Scheduler:
             index = next(self._ids)
             self.calls[index] = (key, slot)
             self.worker.submit(GenerationRequest(**{
-                "index": index, "prompt": call.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature,
+                "index": index, "prompt": str(call.prompt), "messages": getattr(call.prompt, "messages", None),
+                "max_tokens": c.max_tokens, "temperature": c.temperature,
                 "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar,
                 "repeat_penalty": call.repeat_penalty, "logprobs": task.confidence,
                 "json_schema": task.json_schema if call.grammar else None, **call.options}))
