@@ -41,12 +41,25 @@ def test_merge_rules_first_majority_union():
     assert merge_values([None, None], "first") is None
     schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string", "x-merge": "majority"},
                                                "tags": {"type": "array", "items": {"type": "string"}}}}
-    assert merge_rules(schema, None) == {"a": "first", "b": "majority", "tags": "union"}
+    assert merge_rules(schema, None) == {"a": "evidence", "b": "majority", "tags": "union"}
     assert merge_rules(schema, "a=majority")["a"] == "majority"
     assert merge_rules(schema, {"a": "majority"})["a"] == "majority"
     merged = FieldMerger(merge_rules(schema, None))(['{"a": null, "b": "x", "tags": ["t"]}', '{"a": "A", "b": "y"',
                                                      '{"a": "B", "b": "y", "tags": ["u", "t"]}'])
     assert json.loads(merged) == {"a": "B", "b": "x", "tags": ["t", "u"]}  # the unfinished second part is left out
+
+
+def test_evidence_prefers_values_the_part_itself_says():
+    pieces = ["The Wrestlers is a pub.", "The Wrestlers has a garden.", "The Wrestlers is kid friendly, by the river."]
+    # parts 2 and 3 made up "restaurant"; only part 1's text says "pub"
+    assert merge_values(["pub", "restaurant", "restaurant"], "evidence", "eatType", pieces) == "pub"
+    assert merge_values(["pub", "restaurant", "restaurant"], "majority") == "restaurant"
+    # a boolean is backed where the part names the field (familyFriendly -> "family", "friendly")
+    pieces[1] = "It is a family-friendly place."
+    assert merge_values([False, True, False], "evidence", "familyFriendly", pieces) is True
+    # nothing backed: the majority of what the parts gave
+    assert merge_values(["x", "y", "y"], "evidence", "near", pieces) == "y"
+    assert merge_values([None, None], "evidence", "near", pieces) is None
 
 
 @pytest.mark.parametrize("option, needle", [("name=union", "needs an array"), ("nope=first", "'nope'"),
