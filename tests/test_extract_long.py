@@ -82,7 +82,7 @@ def long_run(run_flow, tmp_path_factory):
     args = [str(tmp / "long.parquet"), "--schema", str(SPEC), "--n-ctx", "768", "--max-tokens", "160",
             "--id-column", "id", "--out", str(out), "--no-cache"]
     refused = run_flow("extract", *args, "--out", str(tmp / "refused"))
-    result = run_flow("extract", *args, "--split-long", "--merge", "name=majority")
+    result = run_flow("extract", *args, "--split-long")  # the default merge rule: evidence
     return text, refused, result, out, tmp
 
 
@@ -98,13 +98,18 @@ def test_split_long_extracts_each_part_and_merges_fields_from_different_parts(lo
     from tokenmill.models.gguf_info import ModelInfo
     from tokenmill.models.resolve import default_model_path
 
-    assert ModelInfo(default_model_path()).count_text_tokens(text) > 3 * 768  # several times --n-ctx
+    info = ModelInfo(default_model_path())
+    assert info.count_text_tokens(text) > 3 * 768  # several times --n-ctx
+    # the fillers between two passages alone outgrow --n-ctx: each passage lands in a different part
+    assert info.count_text_tokens("\n\n".join([FILLER] * 14)) > 768
     assert result.returncode == 0, result.stderr
     row = pl.read_parquet(out / "results.parquet").row(0, named=True)
     assert row["status"] == "ok" and row["chunks"] >= 4 and row["calls"] == row["chunks"], row
     got = row["extracted"]
-    assert got["name"] == "The Wrestlers", got  # every part names it: the majority (--merge name=majority)
-    # (Which part's value wins for the other fields is not asserted: SmolLM2-135M rarely writes null and
-    # tends to the first enum value, so `first` often keeps a made-up value from part 1.)
+    assert got["name"] == "The Wrestlers", got  # every part names it
+    # one field from each section's part: under `first` part 1's made-up values won (the model rarely
+    # writes null), under `majority` the parts of filler outvoted the one part that says it
+    assert (got["food"], got["customerRating"], got["area"]) == ("Japanese", "5 out of 5", "riverside"), got
+    assert got["near"] == "Raja Indian Cuisine", got
     usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
-    assert usage["calls"] == row["calls"] and json.loads(usage["params"])["merge"]["name"] == "majority"
+    assert usage["calls"] == row["calls"] and json.loads(usage["params"])["merge"]["area"] == "evidence"
