@@ -46,6 +46,16 @@ def test_a_given_maxlength_is_honoured_and_counted(info):
     assert bounded["properties"]["name"]["anyOf"][0]["maxLength"] == 40
 
 
+def test_grammars_keep_raw_control_characters_out_of_strings(info):
+    from tokenmill.schema import grammar
+    from tokenmill.tasks.extract import bounded_grammar
+
+    schema, _ = load_schema(str(FIELDS))
+    for text in (grammar(schema), bounded_grammar(schema, 160, info.count_text_tokens)):
+        [char] = [line for line in text.splitlines() if line.startswith("char ::=")]
+        assert char.startswith('char ::= [^"\\\\\\x00-\\x1F] | "\\\\" ('), char  # newline only as \\n
+
+
 def test_repetition_is_found_inside_an_open_string_only():
     assert repeats(b"Alimentum one of the one of the one of the")
     assert repeats(b"!!!!!!!!!!!!") and not repeats(b"!!!!")

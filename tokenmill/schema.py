@@ -125,10 +125,17 @@ def fields(schema: dict) -> list[dict]:
 
 
 def grammar(schema: dict) -> str:
-    """GBNF constraining generation to JSON matching `schema` (llama-cpp-python's own converter)."""
+    """GBNF constraining generation to strict JSON matching `schema` (llama-cpp-python's own converter,
+    with raw control characters kept out of strings)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    return json_schema_to_gbnf(json.dumps(_for_converter(schema)), prop_order=list(schema["properties"]))
+    text = json_schema_to_gbnf(json.dumps(_for_converter(schema)), prop_order=list(schema["properties"]))
+    # The converter lets raw control characters (a newline, a tab) into strings, which strict JSON
+    # parsers refuse; allow them only escaped, so every reply is strict JSON.
+    loose = 'char ::= [^"\\\\]'
+    if loose not in text:
+        raise ValueError("the JSON grammar converter changed: no string char rule to tighten")
+    return text.replace(loose, 'char ::= [^"\\\\\\x00-\\x1F]')
 
 
 def _for_converter(node: Any) -> Any:
@@ -156,7 +163,7 @@ class Validator:
         self._validator = jsonschema.validators.validator_for(schema)(schema)
 
     def __call__(self, text: str) -> dict:
-        value = json.loads(text, strict=False)  # the grammar lets raw control characters into strings
+        value = json.loads(text, strict=False)  # a server's grammar may let raw control characters into strings
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
         if error is not None:
             where = "/" + "/".join(str(p) for p in error.absolute_path)

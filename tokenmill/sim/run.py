@@ -79,16 +79,6 @@ def effective_spec(config: SimConfig) -> Spec:
         raise SpecError(f"spec {config.spec} with the command line's options: {str(exc).splitlines()[0]}") from None
 
 
-def strict_grammar(schema: dict) -> str:
-    """The schema's grammar with no raw control characters inside strings (the converter lets a
-    newline in, which strict JSON parsers refuse), so every reply is strict JSON."""
-    text = grammar(schema)
-    loose = 'char ::= [^"\\\\]'
-    if loose not in text:
-        raise ValueError("the JSON grammar converter changed: no string char rule to tighten")
-    return text.replace(loose, 'char ::= [^"\\\\\\x00-\\x1F]')
-
-
 def default_out(spec_path: str) -> Path:
     path = Path(spec_path)
     return path.parent / f"{path.stem}.simulate"
@@ -106,7 +96,7 @@ class Simulation:
         self.model_path = resolve_model(self.spec.model.path)
         self.info = ModelInfo(self.model_path)
         self.reflect_schema = reflection_schema(self.spec)
-        self.reflect_grammar, self.validate_reflect = strict_grammar(self.reflect_schema), Validator(self.reflect_schema)
+        self.reflect_grammar, self.validate_reflect = grammar(self.reflect_schema), Validator(self.reflect_schema)
         self._act_rules: dict[tuple, tuple[str, Validator]] = {}
         s = self.spec.sampling
         self.max_tokens = {"act": s.max_tokens or reply_tokens(self.spec, self.info.count_text_tokens, "act"),
@@ -249,7 +239,7 @@ class Simulation:
         key = (self.world.where[agent], tuple(self.world.present(agent)))
         if key not in self._act_rules:
             schema = action_schema(self.spec, *key)
-            self._act_rules[key] = (strict_grammar(schema), Validator(schema))
+            self._act_rules[key] = (grammar(schema), Validator(schema))
         return self._act_rules[key]
 
     def _request(self, step: int, agent: str, purpose: str) -> GenerationRequest:

@@ -15,9 +15,9 @@ class DoesNotFit(ValueError):
     """The row cannot be processed within the limits; the message says which option to change."""
 
 
-def part_prompts(text: str, render: Callable[[str], str], count_prompt: Callable[[str], int],
-                 count_text: Callable[[str], int], limit: int, max_chunks: int, n_ctx: int) -> list[str]:
-    """Rendered prompts, one per part of `text`, each counting at most `limit` tokens.
+def split_parts(text: str, render: Callable[[str], str], count_prompt: Callable[[str], int],
+                count_text: Callable[[str], int], limit: int, max_chunks: int, n_ctx: int) -> list[tuple[str, str]]:
+    """(piece of `text`, its rendered prompt) for every part, each prompt counting at most `limit` tokens.
 
     `render(piece)`: the row's full prompt with `piece` as its text; `count_prompt`: tokens of
     a full prompt; `count_text`: tokens of bare text; `limit`: n_ctx - max_tokens.
@@ -29,12 +29,12 @@ def part_prompts(text: str, render: Callable[[str], str], count_prompt: Callable
                          f"--n-ctx {n_ctx} after the reply's tokens; raise --n-ctx or lower --max-tokens")
     refuse_oversized(text, count_text, budget, max_chunks, n_ctx)
     for share in (1.0, 0.9, 0.75, 0.5):  # the per-unit counts are estimates: shrink until every part fits
-        prompts = [render(piece) for piece in split_to_fit(text, count_text, int(budget * share))]
-        if all(count_prompt(p) <= limit for p in prompts):
-            if len(prompts) > max_chunks:
-                raise DoesNotFit(f"this text needs {len(prompts)} parts at --n-ctx {n_ctx}, more than --max-chunks "
+        pairs = [(piece, render(piece)) for piece in split_to_fit(text, count_text, int(budget * share))]
+        if all(count_prompt(p) <= limit for _piece, p in pairs):
+            if len(pairs) > max_chunks:
+                raise DoesNotFit(f"this text needs {len(pairs)} parts at --n-ctx {n_ctx}, more than --max-chunks "
                                  f"{max_chunks}; raise --max-chunks or --n-ctx, or split the text into several rows")
-            return prompts
+            return pairs
     raise DoesNotFit(f"this text could not be cut into parts that fit --n-ctx {n_ctx}; raise --n-ctx")
 
 

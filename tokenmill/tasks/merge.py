@@ -2,7 +2,14 @@
 
 Rules (per top-level field; from the schema's `x-merge` keyword on the field, else from
 `--merge field=rule,...` / a job spec's `merge:`, else the default):
-- `first`: the first part's non-null value (default for everything but arrays);
+- `evidence` (default for everything but arrays): the value most parts gave among the values
+  their own part's text backs: a string (or number) that appears in that part's text, words
+  compared case-insensitively; a true/false from a part whose text names the field (the words
+  of `familyFriendly`, `family friendly`). A small model seldom writes null and fills a part
+  that says nothing about a field with a made-up value; this keeps such values from winning.
+  When no part's value is backed, the majority of all non-null values; a tie goes to the
+  earliest of the tied values;
+- `first`: the first part's non-null value;
 - `majority`: the non-null value most parts gave (a tie goes to the earliest of the tied values);
 - `union`: arrays concatenated in part order, repeats dropped (default for arrays).
 A part whose reply is not valid JSON (it ran out of tokens) is left out; if none is left, the
@@ -12,12 +19,13 @@ row fails. The merged object is then validated against the schema like any other
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any
 
 from tokenmill.errors import InputError
 
-RULES = ("first", "majority", "union")
+RULES = ("evidence", "first", "majority", "union")
 
 
 def merge_rules(schema: dict, option: str | dict | None) -> dict[str, str]:
@@ -39,7 +47,7 @@ def merge_rules(schema: dict, option: str | dict | None) -> dict[str, str]:
     for name, node in props.items():
         is_array = node.get("type") == "array" or "array" in (node.get("type") or []) or any(
             o.get("type") == "array" for o in node.get("anyOf", []))
-        rule = node.get("x-merge") or given.get(name) or ("union" if is_array else "first")
+        rule = node.get("x-merge") or given.get(name) or ("union" if is_array else "evidence")
         if rule not in RULES:
             raise InputError(f"merge rule {rule!r} for field {name!r} is unknown; choose one of {', '.join(RULES)}")
         if rule == "union" and not is_array:
@@ -52,16 +60,41 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def merge_values(values: list[Any], rule: str) -> Any:
+def _words(text: str) -> str:
+    """Lower-case words split on anything else and on camelCase: `familyFriendly` -> ` family friendly `."""
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", str(text))
+    return " " + " ".join(re.findall(r"\w+", spaced.casefold())) + " "
+
+
+def backed(name: str, value: Any, piece: str) -> bool:
+    """Whether part text `piece` backs `value` for field `name` (see the `evidence` rule)."""
+    text = _words(piece)
+    if isinstance(value, bool):
+        return all(f" {word} " in text for word in _words(name).split())
+    if isinstance(value, (str, int, float)):
+        words = _words(value)
+        return words.strip() != "" and words in text
+    return False
+
+
+def _majority(present: list[Any]) -> Any:
+    counts = Counter(_key(v) for v in present)
+    best = max(counts.values())
+    return next(v for v in present if counts[_key(v)] == best)
+
+
+def merge_values(values: list[Any], rule: str, name: str = "", pieces: list[str] | None = None) -> Any:
+    """The merged value of one field from the parts' `values` (`pieces`: the parts' texts, for `evidence`)."""
     present = [v for v in values if v is not None]
     if not present:
         return None
     if rule == "first":
         return present[0]
+    if rule == "evidence":
+        supported = [v for v, piece in zip(values, pieces or []) if v is not None and backed(name, v, piece)]
+        return _majority(supported or present)
     if rule == "majority":
-        counts = Counter(_key(v) for v in present)
-        best = max(counts.values())
-        return next(v for v in present if counts[_key(v)] == best)
+        return _majority(present)
     seen, out = set(), []
     for value in present:
         for item in value if isinstance(value, list) else [value]:
@@ -72,21 +105,23 @@ def merge_values(values: list[Any], rule: str) -> Any:
 
 
 class FieldMerger:
-    """merge(texts) -> the merged JSON text of the parts' replies."""
+    """merge(texts, pieces) -> the merged JSON text of the parts' replies (`pieces`: the parts' texts)."""
 
     def __init__(self, rules: dict[str, str]):
         self.rules = rules
 
-    def __call__(self, texts: list[str]) -> str:
-        parsed = []
-        for text in texts:
+    def __call__(self, texts: list[str], pieces: list[str] | None = None) -> str:
+        parsed, kept = [], []
+        for i, text in enumerate(texts):
             try:
                 value = json.loads(text, strict=False)
             except ValueError:
                 continue
             if isinstance(value, dict):
                 parsed.append(value)
+                kept.append(pieces[i] if pieces else "")
         if not parsed:
             raise ValueError(f"none of the {len(texts)} parts gave a valid JSON object")
-        merged = {name: merge_values([p.get(name) for p in parsed], rule) for name, rule in self.rules.items()}
+        merged = {name: merge_values([p.get(name) for p in parsed], rule, name, kept)
+                  for name, rule in self.rules.items()}
         return json.dumps(merged, ensure_ascii=False)

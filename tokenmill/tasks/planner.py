@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +26,7 @@ from tokenmill.models.family import detect_family
 from tokenmill.models.machine import free_cores, load_calibration
 from tokenmill.models.reference import backend_for, open_model
 from tokenmill.prompts import STANDARD_VARIABLES, TASK_VARIABLES, ChatPrompt, ChatTemplate, SlotRenderer, load_task_template
-from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, part_prompts, refuse_oversized
+from tokenmill.tasks.longdoc import SAMPLE_CHARS, DoesNotFit, refuse_oversized, split_parts
 from tokenmill.tasks.plans import MapReduce, MergeParts, Repair, RetryAtLimit, SingleCall
 from tokenmill.tasks.records import finish
 from tokenmill.tasks.spec import (DEFAULT_SLOTS, KV_BUDGET_BYTES, MAX_CHARS_PER_TOKEN, MAX_DEFAULT_SLOTS, JobConfig,
@@ -280,10 +281,12 @@ class Planner:
         if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")
-        parts = part_prompts(str(text), lambda piece: self.render({**row, column: piece}), count,
-                             self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        pairs = split_parts(str(text), lambda piece: self.render({**row, column: piece}), count,
+                            self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
+        parts = [prompt for _piece, prompt in pairs]
         if self.task.merge is not None:
-            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None, self.task.merge)
+            plan = MergeParts(parts, self.task.grammar if self.use_grammar else None,
+                              partial(self.task.merge, pieces=[piece for piece, _prompt in pairs]))
         else:
             plan = MapReduce(parts, lambda summaries: self.render_reduce(row, summaries), lambda p: count(p) <= limit)
         return row_key(self.model_sha, prompt, {**self.params, **self.split_params}), plan
