@@ -133,6 +133,8 @@ def grammar(schema: dict) -> str:
     # The converter lets raw control characters (a newline, a tab) into strings, which strict JSON
     # parsers refuse; allow them only escaped, so every reply is strict JSON.
     loose = 'char ::= [^"\\\\]'
+    if "char ::=" not in text:  # no strings in this schema (numbers, booleans, enums only)
+        return text
     if loose not in text:
         raise ValueError("the JSON grammar converter changed: no string char rule to tighten")
     return text.replace(loose, 'char ::= [^"\\\\\\x00-\\x1F]')
