@@ -90,14 +90,15 @@ class PartWriter:
             pass  # something else lives there: leave it
 
 
-MERGE_WINDOW = 250_000  # rows sorted in memory at once by merge_sorted
+MERGE_WINDOW = 100_000  # rows sorted in memory at once by merge_sorted (about 50 MB of results)
 
 
-def merge_sorted(parts: list[Path], target: Path, order_by: str, window: int = MERGE_WINDOW) -> None:
+def merge_sorted(parts: list[Path], target: Path, order_by: str, window: int | None = None) -> None:
     """Write the rows of `parts` to `target` ordered by the integer column `order_by`, holding
     at most about `window` rows in memory: rows finish out of order, so each part is sorted on
     its own and the output is built one range of `order_by` at a time (Parquet statistics let
     each range read only the parts that overlap it)."""
+    window = window or MERGE_WINDOW
     scan = pl.scan_parquet(parts)
     bounds = scan.select(pl.col(order_by).min().alias("lo"), pl.col(order_by).max().alias("hi")).collect()
     lo, hi = bounds["lo"][0], bounds["hi"][0]
