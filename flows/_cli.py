@@ -93,6 +93,10 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
     p.add_argument("--worker-timeout", type=float, default=300.0,
                    help="seconds without any output after which the model worker counts as hung and is "
                         "restarted (default 300)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="model worker processes, each loading the model once for the run (default 0: one per "
+                        "visible GPU, each pinned to its device, else one that uses every core); rows that share "
+                        "a prompt prefix go to the same worker")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")
     p.add_argument("--debug", action="store_true", help="print tracebacks for errors")
@@ -109,7 +113,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         "backend": args.backend, "backend_options": backend_options(args), "chunk_size": args.chunk_size, "part_rows": args.part_rows,
         "strip": args.strip, "retry_errors": args.retry_errors,
         "cache": not args.no_cache, "cache_dir": args.cache, "price_input_per_mtok": args.price_input,
-        "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout, **extra})
+        "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout,
+        "workers": args.workers, **extra})
 
 
 def backend_options(args: argparse.Namespace) -> dict:

@@ -19,12 +19,15 @@ from tokenmill.contract import RESULTS_FILE, USAGE_FILE
 from tokenmill.io.index import FolderIndex
 from tokenmill.io.parts import append_row
 from tokenmill.ledger import OutputLock, ResultCache, default_cache_dir
-from tokenmill.pool import ModelWorker, make_worker
+from tokenmill.models import registry
+from tokenmill.models.memory import available_ram, check_fits, free_vram, memory_need
+from tokenmill.pool import Worker
 from tokenmill.tasks.planner import Planner, check_out_dir_task  # noqa: F401  (re-exported)
 from tokenmill.tasks.scheduler import Scheduler
 from tokenmill.tasks.sink import ResultSink
 from tokenmill.tasks.spec import JobConfig, TaskSpec, row_key  # noqa: F401  (re-exported)
 from tokenmill.usage import Prices, RunStats
+from tokenmill.worker_pool import make_workers, plan_workers, visible_gpus
 
 
 class Job(Planner):
@@ -33,7 +36,7 @@ class Job(Planner):
     def __init__(self, config: JobConfig, task: TaskSpec, create_out: bool = True):
         super().__init__(config, task, create_out)
         self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
-        self.worker: ModelWorker | None = None  # see start_worker
+        self.worker: Worker | None = None  # see start_worker
 
     def start_worker(self) -> None:
         """Start loading the model in its worker process now; `run` uses this worker. The
@@ -47,9 +50,30 @@ class Job(Planner):
             self.worker.close()
             self.worker = None
 
-    def _new_worker(self) -> ModelWorker:
+    def _new_worker(self) -> Worker:
+        """The model worker, or a pool of them (--workers; by default one per visible GPU), after
+        checking that the model and its KV caches fit the free memory."""
+        c, settings = self.config, self.settings()
+        local = not self.backend.in_process and self.backend.runtime == registry.DEFAULT_RUNTIME
+        gpus = visible_gpus() if local else []
+        if local:
+            self.check_memory(settings, gpus)
         # an in-process backend (echo) counts tokens with this job's tokenizer, loaded once
-        return make_worker(self.settings(), hang_timeout_s=self.config.hang_timeout_s, tokenizer=self.model_info)
+        return make_workers(settings, c.workers, hang_timeout_s=c.hang_timeout_s, tokenizer=self.model_info,
+                            threads_given=bool(c.n_threads), gpus=gpus, capacity=2 * max(settings.n_seq, 1))
+
+    def check_memory(self, settings, gpus: list[str]) -> None:
+        """Refuse, before anything loads, a run whose weights and KV caches do not fit (models/memory.py)."""
+        path = Path(settings.model_path)
+        if not path.is_file():
+            return
+        placements = plan_workers(self.config.workers, gpus, settings.n_threads, True, settings.n_gpu_layers)
+        arch = self.model_info.architecture
+        layers = int(self.model_info.metadata.get(f"{arch}.block_count", 0) or 0)
+        need = memory_need(path.stat().st_size, self.model_info.kv_bytes_per_token, settings.n_ctx, len(placements),
+                           [p.gpu for p in placements], settings.n_gpu_layers, layers)
+        check_fits(need, self.config.n_ctx, settings.n_seq, available_ram(),
+                   {gpu: free_vram(gpu) for gpu in need.gpus})
 
     def _open_cache(self) -> ResultCache | None:
         c = self.config

@@ -27,12 +27,12 @@ from tokenmill.tasks.spec import MAX_DEFAULT_SLOTS
 from tokenmill.usage import RunStats
 
 if TYPE_CHECKING:
-    from tokenmill.pool import ModelWorker
+    from tokenmill.pool import Worker
     from tokenmill.tasks.planner import Planner
 
 
 class Scheduler:
-    def __init__(self, planner: "Planner", worker: "ModelWorker", index: FolderIndex, cache: ResultCache | None,
+    def __init__(self, planner: "Planner", worker: "Worker", index: FolderIndex, cache: ResultCache | None,
                  sink: ResultSink, stats: RunStats):
         self.planner = planner
         self.worker = worker
@@ -41,7 +41,8 @@ class Scheduler:
         self.sink = sink
         self.stats = stats
         # more requests than the backend has slots, so a slot never waits for the next row (see pool.py)
-        self.window = max(64, 4 * (planner.config.n_seq or MAX_DEFAULT_SLOTS))
+        # (per worker of a pool: tokenmill/worker_pool.py)
+        self.window = max(64, 4 * (planner.config.n_seq or MAX_DEFAULT_SLOTS)) * getattr(worker, "size", 1)
         self.waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
         self.plans: dict[str, Any] = {}  # row key -> its plan (tasks/plans.py), while calls are outstanding
         self.calls: dict[int, tuple[str, int]] = {}  # request index -> (row key, slot in its plan)
