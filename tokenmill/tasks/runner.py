@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import polars as pl
 from typing import Callable
 
 from tokenmill.contract import RESULTS_FILE, USAGE_FILE
@@ -113,8 +115,11 @@ class Job(Planner):
                 cache.close()
 
     def run(self, progress: bool = True, run_id: str | None = None,
-            on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
-        """Generate every row not already done, writing parts as they finish; merge; record usage."""
+            on_chunk: Callable[[RunStats], None] | None = None, rows: Callable | None = None,
+            on_row: Callable[[dict], None] | None = None, stop=None) -> RunStats:
+        """Generate every row not already done, writing parts as they finish; merge; record usage.
+        `rows` gates the planned rows (tasks/chunks.py); `on_row` sees every finished results row;
+        `stop` (a threading.Event) ends the run as Ctrl-C would."""
         stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
                          device="none (no rows generated)")
         if run_id:
@@ -122,7 +127,7 @@ class Job(Planner):
         lock = OutputLock(self.out)
         lock.acquire()
         try:
-            self._run_locked(stats, progress, on_chunk)
+            self._run_locked(stats, progress, on_chunk, rows, on_row, stop)
         finally:
             lock.release()
         return stats
@@ -131,20 +136,25 @@ class Job(Planner):
         return stats.row(input=str(self.config.input), task=self.task.name, params=json.dumps(self.params),
                          worker_restarts=restarts, **self.prices.estimate(stats))
 
-    def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None) -> None:
+    def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None,
+                    rows: Callable | None = None, on_row: Callable[[dict], None] | None = None,
+                    stop=None) -> None:
         index = FolderIndex(self.out)
         try:
             index.sync()
             if (last := self._finished_before(index)) is not None:
-                self._nothing_to_do(stats, last)
+                self._nothing_to_do(stats, last, on_row)
                 return
-            self._generate(stats, index, progress, on_chunk)
+            self._generate(stats, index, progress, on_chunk, rows, on_row, stop)
         finally:
             index.close()
 
-    def _nothing_to_do(self, stats: RunStats, last: dict) -> None:
+    def _nothing_to_do(self, stats: RunStats, last: dict, on_row: Callable[[dict], None] | None = None) -> None:
         """A rerun of a finished job: its rows are in results.parquet already, as they were."""
         self.stop_worker()
+        if on_row is not None:  # chunk tasks wait for their rows: they are all there
+            for row in pl.read_parquet(self.out / RESULTS_FILE, columns=["row", "status"]).iter_rows(named=True):
+                on_row(row)
         for name in ("rows_total", "rows_ok", "rows_error", "rows_skipped"):
             setattr(stats, name, last[name])
         stats.rows_resumed = last["rows_total"] - last["rows_skipped"]
@@ -152,13 +162,14 @@ class Job(Planner):
         append_row(self.out / USAGE_FILE, self._usage(stats, 0))
 
     def _generate(self, stats: RunStats, index: FolderIndex, progress: bool,
-                  on_chunk: Callable[[RunStats], None] | None) -> None:
+                  on_chunk: Callable[[RunStats], None] | None, rows: Callable | None = None,
+                  on_row: Callable[[dict], None] | None = None, stop=None) -> None:
         cache = self._open_cache()
         worker, self.worker = self.worker or self._new_worker(), None  # started by start_worker, or on first use
-        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk)
+        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_row=on_row)
         try:
             try:
-                Scheduler(self, worker, index, cache, sink, stats).run()
+                Scheduler(self, worker, index, cache, sink, stats, gate=rows, stop=stop).run()
             except BaseException:
                 sink.flush()  # rows already finished are worth keeping, whatever stopped the run
                 raise

@@ -53,6 +53,7 @@ class JobConfig:
     labels: str | None = None  # tag: comma-separated labels or a file listing them (tasks/tag.py)
     multi: bool = False  # tag: several labels per row
     hang_timeout_s: float = 300.0
+    task_rows: int = 10_000  # rows per Prefect task run (tokenmill/tasks/chunks.py)
     workers: int = 0  # model workers; 0: one per visible GPU, else one (tokenmill/worker_pool.py)
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
@@ -81,6 +82,8 @@ class JobConfig:
             raise InputError(f"--part-rows must be positive, got {self.part_rows}")
         if self.max_chunks <= 0:
             raise InputError(f"--max-chunks must be positive, got {self.max_chunks}")
+        if self.task_rows <= 0:
+            raise InputError(f"--task-rows must be positive, got {self.task_rows}")
         if self.workers < 0:
             raise InputError(f"--workers must be 0 (one per visible GPU, else one) or more, got {self.workers}")
         if self.max_retries < 0:
