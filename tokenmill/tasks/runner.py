@@ -11,6 +11,7 @@ generated text into that column (`TaskSpec`); everything else lives here once, i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class Job(Planner):
         """The model worker, or a pool of them (--workers; by default one per visible GPU), after
         checking that the model and its KV caches fit the free memory."""
         c, settings = self.config, self.settings()
+        if c.runner == "ray":
+            from tokenmill.ray_worker import RayWorker
+
+            workers = c.workers or 1
+            threads = settings.n_threads if c.n_threads or settings.n_threads <= 0 else max(1, settings.n_threads // workers)
+            return RayWorker(dataclasses.replace(settings, n_threads=threads), c.ray_address, workers,
+                             batch=2 * max(settings.n_seq, 1))
         local = not self.backend.in_process and self.backend.runtime == registry.DEFAULT_RUNTIME
         gpus = visible_gpus() if local else []
         if local:
