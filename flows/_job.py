@@ -10,6 +10,10 @@ model loads while Prefect's server starts:
    prepared job and the worker once the server answers.
 Prefect is imported only in step 3: the flows' modules build their Prefect flow objects on
 first use (`lazy_flow`).
+
+Generation (`generate`): one scheduler in a thread feeds the worker pool; each chunk of
+--task-rows rows is a `generate-rows` task run that opens its rows to it and returns their
+counts (tokenmill/tasks/chunks.py).
 """
 
 from __future__ import annotations

@@ -77,13 +77,11 @@ def _prefect_api_url() -> str | None:
 class RayWorker(_Worker):
     """The worker interface over Prefect task runs on a Ray cluster."""
 
-    def __init__(self, settings: ModelSettings, address: str | None, workers: int, batch: int,
-                 num_cpus: int | None = None):
+    def __init__(self, settings: ModelSettings, address: str | None, workers: int, batch: int):
         self.settings = settings
         self.address = address
         self.workers = max(1, workers)
         self.batch = max(1, batch)
-        self.num_cpus = num_cpus  # a local cluster's CPUs (None: Ray counts them)
         self.device = "unknown"
         self.restarts = 0
         self._runner = None
@@ -120,8 +118,8 @@ class RayWorker(_Worker):
                                  "(or tokenmill's extra: pip install 'tokenmill[ray]')") from None
             init = {"runtime_env": ray_environment(_prefect_api_url()), "include_dashboard": False,
                     "log_to_driver": False}
-            if not self.address and self.num_cpus:
-                init["num_cpus"] = self.num_cpus
+            if not self.address:  # a local cluster: one CPU per worker, whose model threads share the cores
+                init["num_cpus"] = self.workers
             self._runner = RayTaskRunner(address=self.address, init_kwargs=init)
             self._runner.__enter__()
             self._task = task(name="generate-batch", cache_policy=NO_CACHE)(generate_batch)
@@ -146,12 +144,16 @@ class RayWorker(_Worker):
             self.batches += 1
 
     def poll(self, timeout: float = 0.5) -> list[Completion]:
+        import ray
+
         self._dispatch()  # a part batch goes too: the scheduler waits for its rows
         done: list[Completion] = []
-        for future, requests in list(self._running):
-            future.wait(timeout=min(timeout, 0.1))
-            if not future.state.is_final():
-                continue
+        if not self._running:
+            return done
+        refs = [future.wrapped_future for future, _ in self._running]
+        ray.wait(refs, num_returns=1, timeout=timeout)  # until one is done, then take all that are
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for future, requests in [r for r in self._running if r[0].wrapped_future in ready]:
             self._running.remove((future, requests))
             try:
                 done.extend(future.result())
