@@ -72,8 +72,11 @@ def generate(job: Job, progress: bool) -> RunStats:
     _, generate_chunk = _tasks()
     artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
 
-    def on_chunk(stats: RunStats) -> None:
-        update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
+    def on_chunk(stats: RunStats) -> None:  # called in the scheduler's thread, with the flow's context
+        try:
+            update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
+        except Exception:  # progress is for the UI: never a reason to stop generating
+            pass
 
     run = ChunkRun(job, job.config.task_rows)
     run.start(progress, flow_run.id, on_chunk)
