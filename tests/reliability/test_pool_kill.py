@@ -42,9 +42,8 @@ def test_one_of_two_workers_killed_mid_run_every_row_exactly_once(prefect_server
     results = pl.read_parquet(out / "results.parquet")
     assert results["row"].to_list() == list(range(ROWS))
     assert results["status"].to_list() == ["ok"] * ROWS
-    parts = pl.concat([pl.read_parquet(p) for p in _parts(out)])
-    assert parts["row"].sort().to_list() == list(range(ROWS))  # written once each, none twice
     usage = pl.read_parquet(out / "usage.parquet")
+    assert usage["rows_generated"][-1] == ROWS  # each generated once: the dead worker's rows only by its successor
     assert usage["worker_restarts"][-1] >= 1, "the kill must have landed while the worker held rows"
     assert usage["device"][-1].startswith("2 workers")
     assert time.monotonic() - killed_at < 120
