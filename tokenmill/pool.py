@@ -34,6 +34,11 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue, parent: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops its workers itself (and keeps
+    # their finished rows), so a worker neither dies mid-row nor prints a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         return
