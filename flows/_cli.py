@@ -93,6 +93,18 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
     p.add_argument("--worker-timeout", type=float, default=300.0,
                    help="seconds without any output after which the model worker counts as hung and is "
                         "restarted (default 300)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="model worker processes, each loading the model once for the run (default 0: one per "
+                        "visible GPU, each pinned to its device, else one that uses every core); rows that share "
+                        "a prompt prefix go to the same worker")
+    p.add_argument("--runner", choices=("local", "ray"), default="local",
+                   help="where the model runs: local worker processes (default), or ray: Prefect task runs on a Ray "
+                        "cluster through prefect-ray (pip install 'prefect[ray]'); results still come back to OUT")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="--runner ray: the cluster, e.g. ray://head:10001 or auto (default: start a local one)")
+    p.add_argument("--task-rows", type=int, default=10_000,
+                   help="input rows per Prefect task run (default %(default)s); the task runs of a flow run show "
+                        "their rows and return their counts, and a retried one generates no row twice")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own logging on the console")
     p.add_argument("--debug", action="store_true", help="print tracebacks for errors")
@@ -109,7 +121,9 @@ def config_from_args(args: argparse.Namespace, **extra) -> JobConfig:
         "backend": args.backend, "backend_options": backend_options(args), "chunk_size": args.chunk_size, "part_rows": args.part_rows,
         "strip": args.strip, "retry_errors": args.retry_errors,
         "cache": not args.no_cache, "cache_dir": args.cache, "price_input_per_mtok": args.price_input,
-        "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout, **extra})
+        "price_output_per_mtok": args.price_output, "hang_timeout_s": args.worker_timeout,
+        "workers": args.workers, "task_rows": args.task_rows,
+        "runner": args.runner, "ray_address": args.ray_address, **extra})
 
 
 def backend_options(args: argparse.Namespace) -> dict:

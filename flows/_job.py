@@ -10,6 +10,10 @@ model loads while Prefect's server starts:
    prepared job and the worker once the server answers.
 Prefect is imported only in step 3: the flows' modules build their Prefect flow objects on
 first use (`lazy_flow`).
+
+Generation (`generate`): one scheduler in a thread feeds the worker pool; each chunk of
+--task-rows rows is a `generate-rows` task run that opens its rows to it and returns their
+counts (tokenmill/tasks/chunks.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Callable
 
 from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, quiet_prefect_console
 from tokenmill.errors import TokenmillError
+from tokenmill.tasks.chunks import RUNNING, ChunkRun
 from tokenmill.tasks.runner import Job, JobConfig
 from tokenmill.usage import RunStats
 
@@ -41,9 +46,7 @@ class PrefectStartError(TokenmillError):
 @functools.cache
 def _tasks():
     from prefect import task
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.cache_policies import NO_CACHE
-    from prefect.runtime import flow_run
 
     @task(name="prepare", cache_policy=NO_CACHE)
     def prepare(prepare_job: Callable[[JobConfig], Job], config: JobConfig) -> Job:
@@ -51,19 +54,46 @@ def _tasks():
         (already done, before Prefect started, when the run came from the command line)."""
         return _prepared.pop(_config_key(config), None) or prepare_job(config)
 
-    @task(name="generate-rows", cache_policy=NO_CACHE)
-    def generate(job: Job, progress: bool) -> RunStats:
-        """Run every row through the model worker; results land in OUT as they finish."""
-        artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
+    @task(name="generate-rows", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=0)
+    def generate_chunk(run: ChunkRun, number: int) -> dict:
+        """One chunk of rows through the shared worker pool (tokenmill/tasks/chunks.py); returns
+        its row counts. A retry waits for the rows still missing and generates none twice."""
+        return run.run_chunk(number)
 
-        def on_chunk(stats: RunStats) -> None:
+    return prepare, generate_chunk
+
+
+def generate(job: Job, progress: bool) -> RunStats:
+    """Every row through the worker pool, a Prefect task run per chunk of --task-rows rows
+    (named by its rows, returning their counts), at most RUNNING of them open at once."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.runtime import flow_run
+
+    _, generate_chunk = _tasks()
+    artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
+
+    def on_chunk(stats: RunStats) -> None:  # called in the scheduler's thread, with the flow's context
+        try:
             update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
+        except Exception:  # progress is for the UI: never a reason to stop generating
+            pass
 
-        stats = job.run(progress=progress, run_id=flow_run.id, on_chunk=on_chunk)
-        update_progress_artifact(artifact_id=artifact, progress=100.0)
-        return stats
-
-    return prepare, generate
+    run = ChunkRun(job, job.config.task_rows)
+    run.start(progress, flow_run.id, on_chunk)
+    running: list = []
+    try:
+        for rng in run.ranges:
+            if len(running) >= RUNNING:  # rows are read in order: the oldest chunk ends first
+                running.pop(0).wait()
+            running.append(generate_chunk.with_options(task_run_name=rng.name).submit(run, rng.number))
+        for future in running:
+            future.wait()
+    except BaseException:
+        run.finish(aborted=True)  # the scheduler writes what is finished, stops its workers, and ends
+        raise
+    stats = run.finish()
+    update_progress_artifact(artifact_id=artifact, progress=100.0)
+    return stats
 
 
 def publish_run_table(job: Job, stats: RunStats) -> None:
@@ -85,7 +115,7 @@ def _result(job: Job, stats: RunStats) -> dict:
 
 def run_job(prepare_job: Callable[[JobConfig], Job], config: JobConfig, progress: bool) -> dict:
     """The body of every row-job flow."""
-    prepare, generate = _tasks()
+    prepare, _ = _tasks()
     job = prepare(prepare_job, config)
     stats = generate(job, progress)
     publish_run_table(job, stats)

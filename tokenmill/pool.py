@@ -10,9 +10,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models import registry
@@ -33,6 +34,11 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue, parent: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops its workers itself (and keeps
+    # their finished rows), so a worker neither dies mid-row nor prints a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         return
@@ -82,6 +88,34 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
     backend.close()
 
 
+@runtime_checkable
+class Worker(Protocol):
+    """The worker seam: what the scheduler drives. Implementations: ModelWorker (a process),
+    InProcessWorker (echo, HTTP clients), tokenmill.worker_pool.WorkerPool (N of them)."""
+
+    device: str
+    restarts: int
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def engine_stats(self) -> dict: ...
+
+    def start(self, wait: bool = True) -> str: ...
+
+    def submit(self, request: GenerationRequest) -> None: ...
+
+    def end_input(self) -> None: ...
+
+    def poll(self, timeout: float = 0.5) -> list[Completion]: ...
+
+    def close(self) -> None: ...
+
+
+_ENV_LOCK = threading.Lock()  # a worker's environment is set around its process start
+
+
 class _Worker:
     """What the runner drives: submit requests, poll for completions, end the input, close."""
 
@@ -113,8 +147,9 @@ class ModelWorker(_Worker):
     """One worker process holding one loaded model; restarted when it dies or hangs."""
 
     def __init__(self, settings: ModelSettings, hang_timeout_s: float = 300.0, max_attempts: int = 2,
-                 load_timeout_s: float = 600.0):
+                 load_timeout_s: float = 600.0, env: dict[str, str] | None = None):
         self.settings = settings
+        self.env = dict(env or {})  # set in the worker process only (CUDA_VISIBLE_DEVICES: its GPU)
         self.hang_timeout_s = hang_timeout_s
         self.max_attempts = max_attempts
         self.load_timeout_s = load_timeout_s
@@ -146,7 +181,17 @@ class ModelWorker(_Worker):
         self._proc = self._ctx.Process(target=_worker_main,
                                        args=(self.settings, self._requests, self._results, os.getpid()),
                                        daemon=True, name="tokenmill-worker")
-        self._proc.start()
+        with _ENV_LOCK:  # a spawned process starts with this process's environment, as it is now
+            saved = {key: os.environ.get(key) for key in self.env}
+            os.environ.update(self.env)
+            try:
+                self._proc.start()
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
         self._started_at = time.monotonic()
         return self.wait_ready() if wait else "loading"
 
@@ -321,10 +366,3 @@ class InProcessWorker(_Worker):
             self._backend.close()
             self._backend = None
 
-
-def make_worker(settings: ModelSettings, hang_timeout_s: float = 300.0, tokenizer=None) -> ModelWorker | InProcessWorker:
-    """A worker for `settings.backend`: in this process where the backend allows it, else a
-    worker process. `tokenizer`: the caller's loaded ModelInfo, for an in-process backend."""
-    if registry.get(settings.backend).in_process:
-        return InProcessWorker(settings, tokenizer)
-    return ModelWorker(settings, hang_timeout_s=hang_timeout_s)

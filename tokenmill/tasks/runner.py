@@ -11,20 +11,26 @@ generated text into that column (`TaskSpec`); everything else lives here once, i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import polars as pl
 from typing import Callable
 
 from tokenmill.contract import RESULTS_FILE, USAGE_FILE
 from tokenmill.io.index import FolderIndex
 from tokenmill.io.parts import append_row
 from tokenmill.ledger import OutputLock, ResultCache, default_cache_dir
-from tokenmill.pool import ModelWorker, make_worker
+from tokenmill.models import registry
+from tokenmill.models.memory import available_ram, check_fits, free_vram, memory_need
+from tokenmill.pool import Worker
 from tokenmill.tasks.planner import Planner, check_out_dir_task  # noqa: F401  (re-exported)
 from tokenmill.tasks.scheduler import Scheduler
 from tokenmill.tasks.sink import ResultSink
 from tokenmill.tasks.spec import JobConfig, TaskSpec, row_key  # noqa: F401  (re-exported)
 from tokenmill.usage import Prices, RunStats
+from tokenmill.worker_pool import make_workers, plan_workers, visible_gpus
 
 
 class Job(Planner):
@@ -33,7 +39,7 @@ class Job(Planner):
     def __init__(self, config: JobConfig, task: TaskSpec, create_out: bool = True):
         super().__init__(config, task, create_out)
         self.prices = Prices(config.price_input_per_mtok, config.price_output_per_mtok)
-        self.worker: ModelWorker | None = None  # see start_worker
+        self.worker: Worker | None = None  # see start_worker
 
     def start_worker(self) -> None:
         """Start loading the model in its worker process now; `run` uses this worker. The
@@ -47,9 +53,37 @@ class Job(Planner):
             self.worker.close()
             self.worker = None
 
-    def _new_worker(self) -> ModelWorker:
+    def _new_worker(self) -> Worker:
+        """The model worker, or a pool of them (--workers; by default one per visible GPU), after
+        checking that the model and its KV caches fit the free memory."""
+        c, settings = self.config, self.settings()
+        if c.runner == "ray":
+            from tokenmill.ray_worker import RayWorker
+
+            workers = c.workers or 1
+            threads = settings.n_threads if c.n_threads or settings.n_threads <= 0 else max(1, settings.n_threads // workers)
+            return RayWorker(dataclasses.replace(settings, n_threads=threads), c.ray_address, workers,
+                             batch=2 * max(settings.n_seq, 1))
+        local = not self.backend.in_process and self.backend.runtime == registry.DEFAULT_RUNTIME
+        gpus = visible_gpus() if local else []
+        if local:
+            self.check_memory(settings, gpus)
         # an in-process backend (echo) counts tokens with this job's tokenizer, loaded once
-        return make_worker(self.settings(), hang_timeout_s=self.config.hang_timeout_s, tokenizer=self.model_info)
+        return make_workers(settings, c.workers, hang_timeout_s=c.hang_timeout_s, tokenizer=self.model_info,
+                            threads_given=bool(c.n_threads), gpus=gpus, capacity=2 * max(settings.n_seq, 1))
+
+    def check_memory(self, settings, gpus: list[str]) -> None:
+        """Refuse, before anything loads, a run whose weights and KV caches do not fit (models/memory.py)."""
+        path = Path(settings.model_path)
+        if not path.is_file():
+            return
+        placements = plan_workers(self.config.workers, gpus, settings.n_threads, True, settings.n_gpu_layers)
+        arch = self.model_info.architecture
+        layers = int(self.model_info.metadata.get(f"{arch}.block_count", 0) or 0)
+        need = memory_need(path.stat().st_size, self.model_info.kv_bytes_per_token, settings.n_ctx, len(placements),
+                           [p.gpu for p in placements], settings.n_gpu_layers, layers)
+        check_fits(need, self.config.n_ctx, settings.n_seq, available_ram(),
+                   {gpu: free_vram(gpu) for gpu in need.gpus})
 
     def _open_cache(self) -> ResultCache | None:
         c = self.config
@@ -89,8 +123,11 @@ class Job(Planner):
                 cache.close()
 
     def run(self, progress: bool = True, run_id: str | None = None,
-            on_chunk: Callable[[RunStats], None] | None = None) -> RunStats:
-        """Generate every row not already done, writing parts as they finish; merge; record usage."""
+            on_chunk: Callable[[RunStats], None] | None = None, rows: Callable | None = None,
+            on_row: Callable[[dict], None] | None = None, stop=None) -> RunStats:
+        """Generate every row not already done, writing parts as they finish; merge; record usage.
+        `rows` gates the planned rows (tasks/chunks.py); `on_row` sees every finished results row;
+        `stop` (a threading.Event) ends the run as Ctrl-C would."""
         stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
                          device="none (no rows generated)")
         if run_id:
@@ -98,7 +135,7 @@ class Job(Planner):
         lock = OutputLock(self.out)
         lock.acquire()
         try:
-            self._run_locked(stats, progress, on_chunk)
+            self._run_locked(stats, progress, on_chunk, rows, on_row, stop)
         finally:
             lock.release()
         return stats
@@ -107,20 +144,25 @@ class Job(Planner):
         return stats.row(input=str(self.config.input), task=self.task.name, params=json.dumps(self.params),
                          worker_restarts=restarts, **self.prices.estimate(stats))
 
-    def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None) -> None:
+    def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None,
+                    rows: Callable | None = None, on_row: Callable[[dict], None] | None = None,
+                    stop=None) -> None:
         index = FolderIndex(self.out)
         try:
             index.sync()
             if (last := self._finished_before(index)) is not None:
-                self._nothing_to_do(stats, last)
+                self._nothing_to_do(stats, last, on_row)
                 return
-            self._generate(stats, index, progress, on_chunk)
+            self._generate(stats, index, progress, on_chunk, rows, on_row, stop)
         finally:
             index.close()
 
-    def _nothing_to_do(self, stats: RunStats, last: dict) -> None:
+    def _nothing_to_do(self, stats: RunStats, last: dict, on_row: Callable[[dict], None] | None = None) -> None:
         """A rerun of a finished job: its rows are in results.parquet already, as they were."""
         self.stop_worker()
+        if on_row is not None:  # chunk tasks wait for their rows: they are all there
+            for row in pl.read_parquet(self.out / RESULTS_FILE, columns=["row", "status"]).iter_rows(named=True):
+                on_row(row)
         for name in ("rows_total", "rows_ok", "rows_error", "rows_skipped"):
             setattr(stats, name, last[name])
         stats.rows_resumed = last["rows_total"] - last["rows_skipped"]
@@ -128,13 +170,14 @@ class Job(Planner):
         append_row(self.out / USAGE_FILE, self._usage(stats, 0))
 
     def _generate(self, stats: RunStats, index: FolderIndex, progress: bool,
-                  on_chunk: Callable[[RunStats], None] | None) -> None:
+                  on_chunk: Callable[[RunStats], None] | None, rows: Callable | None = None,
+                  on_row: Callable[[dict], None] | None = None, stop=None) -> None:
         cache = self._open_cache()
         worker, self.worker = self.worker or self._new_worker(), None  # started by start_worker, or on first use
-        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk)
+        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_row=on_row)
         try:
             try:
-                Scheduler(self, worker, index, cache, sink, stats).run()
+                Scheduler(self, worker, index, cache, sink, stats, gate=rows, stop=stop).run()
             except BaseException:
                 try:
                     sink.flush()  # rows already finished are worth keeping, whatever stopped the run

@@ -14,12 +14,13 @@ an input of any length streams through. For each row, in order of preference:
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tokenmill.contract import CACHED, DUPLICATE, REUSABLE, SKIPPED
 from tokenmill.io.index import FolderIndex, KeyFilter
 from tokenmill.ledger import ResultCache
 from tokenmill.models.base import GenerationRequest
+from tokenmill.tasks.chunks import WAIT
 from tokenmill.tasks.plans import Call
 from tokenmill.tasks.records import from_completion
 from tokenmill.tasks.sink import ResultSink
@@ -27,21 +28,25 @@ from tokenmill.tasks.spec import MAX_DEFAULT_SLOTS
 from tokenmill.usage import RunStats
 
 if TYPE_CHECKING:
-    from tokenmill.pool import ModelWorker
+    from tokenmill.pool import Worker
     from tokenmill.tasks.planner import Planner
 
 
 class Scheduler:
-    def __init__(self, planner: "Planner", worker: "ModelWorker", index: FolderIndex, cache: ResultCache | None,
-                 sink: ResultSink, stats: RunStats):
+    def __init__(self, planner: "Planner", worker: "Worker", index: FolderIndex, cache: ResultCache | None,
+                 sink: ResultSink, stats: RunStats, gate: Callable[[Iterator], Iterator] | None = None,
+                 stop=None):
         self.planner = planner
         self.worker = worker
         self.index = index
         self.cache = cache
         self.sink = sink
         self.stats = stats
+        self.gate = gate  # holds rows back until their chunk task opens them (tasks/chunks.py: WAIT)
+        self.stop = stop  # a threading.Event: the flow running this scheduler in a thread stops
         # more requests than the backend has slots, so a slot never waits for the next row (see pool.py)
-        self.window = max(64, 4 * (planner.config.n_seq or MAX_DEFAULT_SLOTS))
+        # (per worker of a pool: tokenmill/worker_pool.py)
+        self.window = max(64, 4 * (planner.config.n_seq or MAX_DEFAULT_SLOTS)) * getattr(worker, "size", 1)
         self.waiting: dict[str, list[dict]] = {}  # row key -> input rows waiting for that generation
         self.plans: dict[str, Any] = {}  # row key -> its plan (tasks/plans.py), while calls are outstanding
         self.calls: dict[int, tuple[str, int]] = {}  # request index -> (row key, slot in its plan)
@@ -73,11 +78,15 @@ class Scheduler:
 
     def run(self) -> None:
         worker, rows, exhausted = self.worker, self._rows(), False
+        if self.gate is not None:
+            rows = self.gate(rows)
         while True:
             while not exhausted and worker.in_flight < self.window:
                 item = next(rows, None)
                 if item is None:
                     exhausted = True
+                    break
+                if item is WAIT:  # nothing to admit now: see what the worker has finished
                     break
                 self._admit(*item)
             if exhausted and not worker.in_flight:
@@ -85,6 +94,8 @@ class Scheduler:
                 return
             for completion in worker.poll():
                 self._complete(completion)
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt  # stopped like Ctrl-C: finished rows are flushed, the worker closed
 
     def _admit(self, info: dict, plan: Any, error: str | None) -> None:
         p, key = self.planner, info["row_key"]

@@ -32,12 +32,14 @@ CALLBACK_S = 2.0  # on_chunk (Prefect's progress artifact) at most this often
 
 class ResultSink:
     def __init__(self, planner: "Planner", stats: RunStats, index: FolderIndex, cache: ResultCache | None,
-                 progress: bool = False, on_chunk: Callable[[RunStats], None] | None = None):
+                 progress: bool = False, on_chunk: Callable[[RunStats], None] | None = None,
+                 on_row: Callable[[dict], None] | None = None):
         self.planner = planner
         self.stats = stats
         self.index = index
         self.cache = cache
         self.on_chunk = on_chunk
+        self.on_row = on_row  # sees every results row (tasks/chunks.py counts a chunk's rows)
         self.writer = PartWriter(planner.out, stats.run_id)
         self.buffer: list[dict] = []
         self.part_rows = min(MAX_PART_ROWS, planner.config.part_rows)
@@ -66,6 +68,8 @@ class ResultSink:
             self.pending[result["row_key"]] = result
         if len(self.buffer) >= self.part_rows or time.monotonic() - self._flushed_at >= FLUSH_S:
             self.flush()
+        if self.on_row is not None:
+            self.on_row(result)
 
     def generated(self, key: str) -> None:
         """`key`'s record was generated now: shared with later runs through the cache."""

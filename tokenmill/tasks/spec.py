@@ -54,6 +54,10 @@ class JobConfig:
     labels: str | None = None  # tag: comma-separated labels or a file listing them (tasks/tag.py)
     multi: bool = False  # tag: several labels per row
     hang_timeout_s: float = 300.0
+    task_rows: int = 10_000  # rows per Prefect task run (tokenmill/tasks/chunks.py)
+    runner: str = "local"  # local: worker processes here; ray: Prefect task runs on a Ray cluster (ray_worker.py)
+    ray_address: str | None = None  # --runner ray: the cluster (None: start a local one)
+    workers: int = 0  # model workers; 0: one per visible GPU, else one (tokenmill/worker_pool.py)
     strip: bool = True  # strip whitespace around outputs; parsing only, not part of the row key
     retry_errors: bool = True
     cache: bool = True
@@ -81,6 +85,14 @@ class JobConfig:
             raise InputError(f"--part-rows must be positive, got {self.part_rows}")
         if self.max_chunks <= 0:
             raise InputError(f"--max-chunks must be positive, got {self.max_chunks}")
+        if self.task_rows <= 0:
+            raise InputError(f"--task-rows must be positive, got {self.task_rows}")
+        if self.runner not in ("local", "ray"):
+            raise InputError(f"--runner must be local or ray, got {self.runner!r}")
+        if self.ray_address and self.runner != "ray":
+            raise InputError("--ray-address needs --runner ray")
+        if self.workers < 0:
+            raise InputError(f"--workers must be 0 (one per visible GPU, else one) or more, got {self.workers}")
         if self.max_retries < 0:
             raise InputError(f"--max-retries must be 0 or more, got {self.max_retries}")
 
