@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import signal
 import sys
 import threading
 from typing import Any, Callable
@@ -73,12 +74,15 @@ def generate(job: Job, progress: bool) -> RunStats:
     artifact = create_progress_artifact(progress=0.0, description=f"rows of {job.config.input} done")
 
     def on_chunk(stats: RunStats) -> None:  # called in the scheduler's thread, with the flow's context
+        if run.stop.is_set():  # stopping: Prefect's server may be gone with the same Ctrl-C
+            return
         try:
             update_progress_artifact(artifact_id=artifact, progress=100.0 * stats.rows_total / max(job.table.rows, 1))
         except Exception:  # progress is for the UI: never a reason to stop generating
             pass
 
     run = ChunkRun(job, job.config.task_rows)
+    restore = _stop_on_sigint(run.stop)
     run.start(progress, flow_run.id, on_chunk)
     running: list = []
     try:
@@ -91,9 +95,30 @@ def generate(job: Job, progress: bool) -> RunStats:
     except BaseException:
         run.finish(aborted=True)  # the scheduler writes what is finished, stops its workers, and ends
         raise
+    finally:
+        restore()
     stats = run.finish()
     update_progress_artifact(artifact_id=artifact, progress=100.0)
     return stats
+
+
+def _stop_on_sigint(stop: threading.Event) -> Callable[[], None]:
+    """Ctrl-C stops the scheduler's thread at once (it keeps what is finished), whatever Prefect
+    does with the KeyboardInterrupt that follows in this thread; returns what undoes it."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            stop.set()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (a deployment's flow run): Prefect's own handling applies
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def publish_run_table(job: Job, stats: RunStats) -> None:
