@@ -22,12 +22,14 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
-from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, quiet_prefect_console
+from flows._cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, quiet_prefect_console
 from tokenmill.errors import TokenmillError
 from tokenmill.tasks.chunks import RUNNING, ChunkRun
 from tokenmill.tasks.runner import Job, JobConfig
@@ -82,7 +84,7 @@ def generate(job: Job, progress: bool) -> RunStats:
             pass
 
     run = ChunkRun(job, job.config.task_rows)
-    restore = _stop_on_sigint(run.stop)
+    restore = _stop_on_sigint(run, str(job.out))
     run.start(progress, flow_run.id, on_chunk)
     running: list = []
     try:
@@ -102,14 +104,22 @@ def generate(job: Job, progress: bool) -> RunStats:
     return stats
 
 
-def _stop_on_sigint(stop: threading.Event) -> Callable[[], None]:
+PREFECT_GRACE_S = 5.0  # after Ctrl-C, how long Prefect may take to report the interruption
+
+
+def _stop_on_sigint(run: ChunkRun, out: str) -> Callable[[], None]:
     """Ctrl-C stops the scheduler's thread at once (it keeps what is finished), whatever Prefect
-    does with the KeyboardInterrupt that follows in this thread; returns what undoes it."""
+    does with the KeyboardInterrupt that follows in this thread. Should Prefect then hang
+    reporting the interruption (its temporary server got the same Ctrl-C, and its client
+    retries), the process ends PREFECT_GRACE_S later, once the finished rows are on disk.
+    Returns what undoes the handler."""
     try:
         previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
-            stop.set()
+            if not run.stop.is_set():
+                run.stop.set()
+                threading.Thread(target=_exit_if_stuck, args=(run, out), daemon=True).start()
             if callable(previous):
                 previous(signum, frame)
             else:
@@ -119,6 +129,14 @@ def _stop_on_sigint(stop: threading.Event) -> Callable[[], None]:
     except ValueError:  # not the main thread (a deployment's flow run): Prefect's own handling applies
         return lambda: None
     return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def _exit_if_stuck(run: ChunkRun, out: str) -> None:
+    run.wait_stopped()  # what was finished is written
+    time.sleep(PREFECT_GRACE_S)
+    print(f"tokenmill: interrupted; rows finished so far are kept in the output folder (--out {out}). Run the same "
+          "command again to continue where it stopped.", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
 
 
 def publish_run_table(job: Job, stats: RunStats) -> None:

@@ -128,6 +128,11 @@ class ChunkRun:
                               + (f" ({self.error})" if self.error else ""))
         return rng.summary()
 
+    def wait_stopped(self) -> None:
+        """Until the scheduler's thread has ended (after a stop: with what was finished written)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def finish(self, aborted: bool = False) -> RunStats:
         """After every chunk task: wait for the scheduler to merge the results; its stats.
         `aborted`: the flow is stopping; the scheduler keeps what is finished and stops too."""
