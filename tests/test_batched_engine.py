@@ -203,7 +203,7 @@ def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unifie
 def test_streams_grow_for_a_long_row_and_keep_every_text(model_path, prompts, reference):
     """Streams start at FIRST_STREAM_CELLS; a row that needs more waits for the rows before
     it, the streams grow, and every row still has create_completion's text."""
-    long_prompt = summarize_prompt(" ".join(prompts[0:6]))
+    long_prompt = summarize_prompt(" ".join(prompts[0:5]))
     llm = llama_cpp.Llama(model_path, n_ctx=4096, verbose=False)
     long_ref = llm.create_completion(long_prompt, max_tokens=MAX_TOKENS, temperature=0)
     llm.close()
@@ -267,13 +267,13 @@ def test_stop_string_cuts_text_before_it(model_path, prompts, reference):
     assert got[0].text == want[: want.index(" " + words[2])]
 
 
-def test_requests_are_pulled_lazily_from_an_endless_stream(model_path, prompts):
+def test_requests_are_pulled_lazily_from_an_endless_stream(model_path):
     pulled = []
 
     def endless():
         for i in itertools.count():
             pulled.append(i)
-            yield greedy(i, prompts[i % 4], max_tokens=4)
+            yield greedy(i, summarize_prompt(f"Request number {i} of an endless stream."), max_tokens=4)
 
     engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=3, n_ctx=2048))
     try:
