@@ -76,7 +76,7 @@ def test_without_split_long_the_long_document_fails_alone_with_a_hint(long_run):
     """Refused before any generation, so on the zero-cost backend in this process."""
     _text, _result, _out, tmp = long_run
     stats = run_echo("extract", tmp / "long.parquet", tmp / "refused", schema=str(SPEC), n_ctx=768, max_tokens=160,
-                     id_column="id")
+                     id_column="id", split_long=False)
     df = pl.read_parquet(tmp / "refused" / "results.parquet")
     assert stats.rows_error == 1 and stats.calls == 0 and df["status"].to_list() == ["error"]
     assert "--split-long" in df["error"][0]
