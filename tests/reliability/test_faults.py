@@ -110,19 +110,21 @@ def _rows_written(out: Path) -> int:
     return pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique() if _parts(out) else 0
 
 
-def _new_part(out: Path, before: int):
-    return lambda: len(_parts(out)) > before
+def _new_rows(out: Path, before: int):
+    """A part holding a row no earlier part held (a resumed run's parts also carry the rows it reused)."""
+    return lambda: _rows_written(out) > before
 
 
 def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tmp_path):
     """kill -9 (the run and its worker) while it imports, while Prefect and the model start, and
-    three times mid-generation, just after a part is written; then the same command finishes."""
+    three times mid-generation, just after a part with newly generated rows is written; then the
+    same command finishes."""
     out = tmp_path / "out"
     landed = []
     for when in (1.0, 3.0, "part", "part", "part"):
         proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
         if when == "part":
-            _wait_for(_new_part(out, len(_parts(out))), proc)
+            _wait_for(_new_rows(out, _rows_written(out)), proc)
         else:
             time.sleep(when)
         assert proc.poll() is None, "the run ended before its kill"
