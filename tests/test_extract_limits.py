@@ -107,16 +107,16 @@ def test_the_engine_closes_a_string_that_repeats_a_phrase():
     assert json.loads(done.text)["note"].count("one of the") <= 4
 
 
-def test_two_hundred_rows_tight_budget_all_valid_e2e(run_flow, tmp_path):
+def test_real_rows_with_a_tight_budget_all_end_valid_e2e(run_flow, tmp_path):
     """The peers' W2 schema (no maxLength anywhere) with a tight --max-tokens on real E2E rows: every
     row ends schema-valid. (The issue's 200-row, --max-tokens 160 figure is measured in the README.)"""
     e2e = DATASETS / "e2e" / "dev.csv"
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
     out = tmp_path / "out"
-    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(FIELDS), "--limit", "24",
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(FIELDS), "--limit", "12",
                       "--max-tokens", "96", "--out", str(out), "--no-cache")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df["status"].to_list() == ["ok"] * 24, df.filter(pl.col("status") != "ok").select("raw_output", "error")
+    assert df["status"].to_list() == ["ok"] * 12, df.filter(pl.col("status") != "ok").select("raw_output", "error")
     assert (df["completion_tokens"] <= 96 * df["calls"]).all()

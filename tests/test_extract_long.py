@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_echo
 from tokenmill.tasks.merge import FieldMerger, merge_rules, merge_values
 
 SPEC = REPO / "jobs" / "restaurants.yaml"
@@ -85,20 +85,22 @@ def long_run(run_flow, tmp_path_factory):
     out = tmp / "out"
     args = [str(tmp / "long.parquet"), "--schema", str(SPEC), "--n-ctx", str(N_CTX), "--max-tokens", "160",
             "--id-column", "id", "--out", str(out), "--no-cache"]
-    refused = run_flow("extract", *args, "--out", str(tmp / "refused"))
     result = run_flow("extract", *args, "--split-long")  # the default merge rule: evidence
-    return text, refused, result, out, tmp
+    return text, result, out, tmp
 
 
 def test_without_split_long_the_long_document_fails_alone_with_a_hint(long_run):
-    _text, refused, _result, _out, tmp = long_run
+    """Refused before any generation, so on the zero-cost backend in this process."""
+    _text, _result, _out, tmp = long_run
+    stats = run_echo("extract", tmp / "long.parquet", tmp / "refused", schema=str(SPEC), n_ctx=N_CTX, max_tokens=160,
+                     id_column="id", split_long=False)
     df = pl.read_parquet(tmp / "refused" / "results.parquet")
-    assert refused.returncode == 3 and df["status"].to_list() == ["error"]
+    assert stats.rows_error == 1 and stats.calls == 0 and df["status"].to_list() == ["error"]
     assert "--split-long" in df["error"][0]
 
 
 def test_split_long_extracts_each_part_and_merges_fields_from_different_parts(long_run):
-    text, _refused, result, out, _tmp = long_run
+    text, result, out, _tmp = long_run
     from tokenmill.models.gguf_info import ModelInfo
     from tokenmill.models.resolve import default_model_path
 

@@ -26,6 +26,7 @@ from tokenmill.models.resolve import default_model_path
 
 pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
 
+ROWS = 4  # the server decodes one request at a time: few rows, short replies
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
           "required": ["title", "year"], "additionalProperties": False}
 
@@ -80,13 +81,13 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    """10 SciTLDR abstracts rendered exactly as tokenmill renders them (task + chat template)."""
+    """ROWS SciTLDR abstracts rendered exactly as tokenmill renders them (task + chat template)."""
     from tokenmill.tasks.runner import JobConfig
     from tokenmill.tasks.summarize import prepare_summarize
 
     folder = tmp_path_factory.mktemp("http-input")
-    path = folder / "scitldr10.parquet"
-    pl.DataFrame(scitldr_rows(10)).write_parquet(path)
+    path = folder / "scitldr.parquet"
+    pl.DataFrame(scitldr_rows(ROWS)).write_parquet(path)
     job = prepare_summarize(JobConfig(input=str(path), out=str(folder / "out"), cache=False), create_out=False)
     return [job.render(row) for row in pl.read_parquet(path).to_dicts()]
 
@@ -102,32 +103,32 @@ def test_url_forms():
         parse_url("http://:80")
 
 
-def test_ten_scitldr_rows_are_summarized_with_the_servers_usage(server, prompts):
+def test_scitldr_rows_are_summarized_with_the_servers_usage(server, prompts):
     backend = _backend(server.url)
     beats = []
     backend.on_step = lambda: beats.append(1)
     try:
         assert backend.concurrency == 4 and "4 concurrent" in backend.device()  # no /props: the default
         started = time.perf_counter()
-        completions = list(backend.generate(Request(i, p, max_tokens=48) for i, p in enumerate(prompts)))
+        completions = list(backend.generate(Request(i, p, max_tokens=24) for i, p in enumerate(prompts)))
         elapsed = time.perf_counter() - started
     finally:
         backend.close()
-    assert sorted(c.index for c in completions) == list(range(10))
+    assert sorted(c.index for c in completions) == list(range(ROWS))
     assert all(c.finish_reason in ("stop", "length") and c.error is None for c in completions), completions
     assert all(c.text and c.text.strip() for c in completions)
     info = ModelInfo(default_model_path())
     by_index = {c.index: c for c in completions}
     # The server's usage counts the same tokens tokenmill's own tokenizer does (BOS, special tokens).
-    assert [by_index[i].prompt_tokens for i in range(10)] == [info.count_tokens(p) for p in prompts]
-    assert all(0 < c.completion_tokens <= 48 for c in completions)
-    assert len(beats) >= 10  # one per reply, and one a second while replies are awaited
-    print(f"http backend: 10 rows in {elapsed:.1f}s ({10 / elapsed:.2f} rows/s)")
+    assert [by_index[i].prompt_tokens for i in range(ROWS)] == [info.count_tokens(p) for p in prompts]
+    assert all(0 < c.completion_tokens <= 24 for c in completions)
+    assert len(beats) >= ROWS  # one per reply, and one a second while replies are awaited
+    print(f"http backend: {ROWS} rows in {elapsed:.1f}s ({ROWS / elapsed:.2f} rows/s)")
 
 
 def test_extraction_with_the_servers_json_schema_is_schema_valid(server):
     backend = _backend(server.url)
-    rows = scitldr_rows(10)
+    rows = scitldr_rows(ROWS)
     try:
         requests = [Request(i, "", max_tokens=96, json_schema=SCHEMA, messages=[
             {"role": "user", "content": "Give this paper a short title and the year it might be from, as JSON "
@@ -137,7 +138,7 @@ def test_extraction_with_the_servers_json_schema_is_schema_valid(server):
         style = backend.schema_style
     finally:
         backend.close()
-    assert len(completions) == 10
+    assert len(completions) == ROWS
     for c in completions:
         assert c.error is None, c.error
         jsonschema.validate(json.loads(c.text), SCHEMA)
@@ -162,7 +163,7 @@ def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them
     s = Server(_free_port(), tmp_path / "server.log").start()
     try:
         backend = _backend(s.url, concurrency=1, retries=2, backoff_s=0.2)
-        requests = [Request(i, p, max_tokens=16) for i, p in enumerate(prompts[:6])]
+        requests = [Request(i, p, max_tokens=16) for i, p in enumerate(prompts)]
         results = {}
         for completion in backend.generate(requests):
             results[completion.index] = completion
@@ -171,7 +172,7 @@ def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them
         backend.close()
         ok = [i for i, c in results.items() if c.error is None]
         failed = [i for i, c in results.items() if c.error is not None]
-        assert len(results) == 6 and len(ok) >= 2 and failed
+        assert len(results) == ROWS and len(ok) >= 2 and failed
         assert backend.stats["retries"] >= 2 * len(failed)
         for i in failed:
             assert results[i].finish_reason == "error" and results[i].text is None

@@ -100,13 +100,13 @@ def test_summaries_that_cannot_be_combined_fail_clearly():
 
 @pytest.fixture(scope="module")
 def long_input(tmp_path_factory, info):
-    """A ~8,000-word document of consecutive SciTLDR abstracts (about 6 parts at --n-ctx 2048), between two ordinary rows."""
-    rows = scitldr_rows(200)
+    """A ~3,000-word document of consecutive SciTLDR abstracts (about 5 parts at --n-ctx 1024), between two ordinary rows."""
+    rows = scitldr_rows(60)
     paragraphs, words = [], 0
     for r in rows[2:]:
         paragraphs.append(r["text"])
         words += len(r["text"].split())
-        if words >= 8_000:
+        if words >= 3_000:
             break
     doc = "\n\n".join(paragraphs)
     path = tmp_path_factory.mktemp("long") / "long.parquet"
@@ -119,12 +119,12 @@ def long_input(tmp_path_factory, info):
 def long_run(run_flow, long_input, tmp_path_factory):
     path, _ = long_input
     out = tmp_path_factory.mktemp("long-out") / "out"
-    result = run_flow("summarize", str(path), "--n-ctx", "2048", "--max-tokens", "64", "--id-column", "name",
+    result = run_flow("summarize", str(path), "--n-ctx", "1024", "--max-tokens", "32", "--id-column", "name",
                       "--out", str(out), "--no-cache", timeout=1500)
     return result, out
 
 
-def test_eight_thousand_words_summarize_in_parts_at_n_ctx_2048(long_run, long_input):
+def test_three_thousand_words_summarize_in_parts_at_n_ctx_1024(long_run, long_input):
     result, out = long_run
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
@@ -132,7 +132,7 @@ def test_eight_thousand_words_summarize_in_parts_at_n_ctx_2048(long_run, long_in
     assert df["status"].to_list() == ["ok"] * 3
     long = df.row(1, named=True)
     _, doc_tokens = long_input
-    assert long["chunks"] >= doc_tokens // 2048 + 1  # it cannot fit in fewer parts of this context
+    assert long["chunks"] >= doc_tokens // 1024 + 1  # it cannot fit in fewer parts of this context
     assert long["calls"] > long["chunks"]  # the parts, then at least one combining call
     assert long["summary"].strip()
     assert long["prompt_tokens"] > doc_tokens  # every part's text was read (plus templates and combining)
@@ -156,18 +156,18 @@ def test_long_document_usage_is_the_sum_over_every_call(long_run):
 def test_without_splitting_a_long_row_fails_alone(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    stats = run_echo("summarize", path, out, n_ctx=2048, max_tokens=16, split_long=False)
+    stats = run_echo("summarize", path, out, n_ctx=1024, max_tokens=16, split_long=False)
     assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]
     error = df["error"][1]
-    assert "--n-ctx 2048" in error and "tokens" in error and "--split-long" in error
+    assert "--n-ctx 1024" in error and "tokens" in error and "--split-long" in error
 
 
 def test_too_many_parts_fail_alone_naming_max_chunks(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    stats = run_echo("summarize", path, out, n_ctx=2048, max_tokens=16, max_chunks=3)
+    stats = run_echo("summarize", path, out, n_ctx=1024, max_tokens=16, max_chunks=3)
     assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]

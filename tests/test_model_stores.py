@@ -113,13 +113,15 @@ def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
         resolve_model(str(bad))
 
 
-ROWS = 10  # the 10 SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
+ROWS = 4  # SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
 
 
-def _summarize(run_flow, data, out, *extra, timeout: float = 600):
+def _summarize(run_flow, data, out, *extra, timeout: float = 600, stderr: list | None = None):
     result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "24", "--no-cache",
                       "--limit", str(ROWS), *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
+    if stderr is not None:
+        stderr.append(result.stderr)
     df = pl.read_parquet(out / "results.parquet")
     assert df.height == ROWS and df["status"].to_list() == ["ok"] * ROWS, df["error"].to_list()
     return df
@@ -149,10 +151,15 @@ def test_the_same_rows_through_ollamas_store_and_a_llamafile(homes, run_flow, sc
 
 
 def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_parquet, tmp_path, direct):
-    """gpt4all:FILE run by GPT4All's own llama.cpp (one row at a time: slow on a busy machine)."""
+    """gpt4all:FILE run by GPT4All's own llama.cpp (one row at a time: slow on a busy machine): the
+    summarize command end to end on the GPT4All backend (its unit tests: tests/test_gpt4all_backend.py)."""
+    stderr = []
     gpt4all = _summarize(run_flow, scitldr_parquet, tmp_path / "gpt4all", "--model",
-                         f"gpt4all:{homes['gguf'].name}", "--backend", "gpt4all", timeout=1800)
+                         f"gpt4all:{homes['gguf'].name}", "--backend", "gpt4all", timeout=1800, stderr=stderr)
     _same_shape(gpt4all, direct)
+    assert "libcudart" not in stderr[0]  # GPT4All's GPU probing stays off the terminal
+    assert (gpt4all["prompt_tokens"] > 0).all() and (gpt4all["completion_tokens"] > 0).all()
+    assert pl.read_parquet(tmp_path / "gpt4all" / "usage.parquet")["backend"].to_list() == ["gpt4all"]
 
 
 def test_the_same_rows_through_a_server_by_url(run_flow, scitldr_parquet, tmp_path, direct):
