@@ -1,4 +1,4 @@
-"""flows.simulate on the real default model with a real Prefect server: 4 agents x 4 steps, a kill -9
+"""flows.simulate on the real default model with a real Prefect server: 4 agents x 6 steps, a kill -9
 mid-step and a rerun, reproducibility, a fork, a failing agent, bad specs; plus the prompt's stable prefix."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import REPO, assert_one_line_error
 
 SPEC = REPO / "jobs" / "harbor.yaml"
-STEPS = 4
+STEPS = 6
 LONG = 900  # seconds a model run may take on a busy 2-core machine
 
 
@@ -30,7 +30,7 @@ def _small_spec(path: Path, edit=None) -> Path:
     data["agents"] = data["agents"][:4]
     data["steps"] = STEPS
     data["sampling"].update(temperature=0.8)  # sampled, not greedy
-    data["memory"].update(max_chars=40, reflect_every=2, insights=1)
+    data["memory"].update(max_chars=40, reflect_every=3, insights=1)
     data["model"]["n_ctx"] = 1024
     if edit:
         edit(data)
@@ -62,17 +62,17 @@ def _env(prefect_server, cache: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def run_b(prefect_server, spec4, tmp_path_factory):
-    """The same spec and seed again, killed with SIGKILL during step 3, then the same command once more."""
+    """The same spec and seed again, killed with SIGKILL during step 4, then the same command once more."""
     out = tmp_path_factory.mktemp("sim") / "b"
     cmd = [sys.executable, "-m", "flows.simulate", str(spec4), "--out", str(out), "--no-progress"]
     env = _env(prefect_server, tmp_path_factory.mktemp("cache"))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + LONG
-    while not (out / "steps" / "000002").is_dir():
+    while not (out / "steps" / "000003").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "step 2 never committed"
+        assert time.monotonic() < deadline, "step 3 never committed"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # step 3 has just started: its model calls are in flight
+    os.kill(proc.pid, signal.SIGKILL)  # step 4 has just started: its model calls are in flight
     proc.wait(30)
     killed_at = sorted(p.name for p in (out / "steps").iterdir())
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LONG)
@@ -100,17 +100,17 @@ def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
     assert (act["finish_reason"] == "stop").all()  # every reply ended itself, none was cut at max_tokens
     assert (events["content"].str.len_chars() <= 40).all()  # memory.max_chars, kept by the grammar
     reflect = calls.filter(pl.col("purpose") == "reflect")
-    assert sorted(set(reflect["step"])) == [2, 4] and reflect.height == 8
+    assert sorted(set(reflect["step"])) == [3, 6] and reflect.height == 8
     assert (reflect["status"] == "ok").all(), reflect["error"].to_list()
     memories = pl.read_parquet(run_a / "memories.parquet")
     assert set(memories["kind"]) == {"initial", "observation", "reflection"}
     assert memories.filter(pl.col("kind") == "observation").group_by("step").len().height == STEPS
     assert memories.select("agent", "index").is_unique().all()
-    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4]  # checkpoint_every: 2
+    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4, 6]  # checkpoint_every: 2
     usage = pl.read_parquet(run_a / "usage.parquet")
     assert usage.height == 1 and usage["steps_committed"][0] == STEPS and usage["calls"][0] == calls.height
     text = (run_a / "transcript.md").read_text()
-    assert "## Step 1:" in text and f"## Step {STEPS}:" in text and "Reflections:" in text
+    assert "## Step 1:" in text and "## Step 6:" in text and "Reflections:" in text
 
 
 @SIM_MODEL
@@ -142,9 +142,9 @@ def test_prefect_recorded_a_task_run_per_step(run_a, prefect_server):
 
 
 @SIM_MODEL
-def test_kill_during_step_3_then_rerun_commits_each_step_exactly_once(run_b):
+def test_kill_during_step_4_then_rerun_commits_each_step_exactly_once(run_b):
     out, killed_at = run_b
-    assert killed_at == ["000000", "000001", "000002"]  # the kill landed in step 3
+    assert killed_at == ["000000", "000001", "000002", "000003"]  # the kill landed in step 4
     events = pl.read_parquet(out / "events.parquet")
     assert events.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
     assert events.select("step", "agent").is_unique().all()
@@ -154,8 +154,8 @@ def test_kill_during_step_3_then_rerun_commits_each_step_exactly_once(run_b):
     memories = pl.read_parquet(out / "memories.parquet")
     assert memories.select("agent", "index").is_unique().all()
     assert sorted(set(memories["step"])) == list(range(0, STEPS + 1))
-    usage = pl.read_parquet(out / "usage.parquet")  # only the rerun finished; it ran steps 3-4
-    assert usage.height == 1 and usage["steps_run"][0] == 2
+    usage = pl.read_parquet(out / "usage.parquet")  # only the rerun finished; it ran steps 4-6
+    assert usage.height == 1 and usage["steps_run"][0] == 3
 
 
 @SIM_MODEL
@@ -168,30 +168,30 @@ def test_same_spec_and_seed_give_identical_events(run_a, run_b):
 
 
 @SIM_MODEL
-def test_fork_from_2_keeps_steps_1_to_2_and_generates_the_rest_anew(run_a, run_flow, tmp_path):
+def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_flow, tmp_path):
     """The what-if spec edits Mara's persona and gives Tomas a persona too long for the context:
-    from step 3 on Mara acts on her new persona, and Tomas's calls fail, so he waits, with the reason."""
+    from step 4 on Mara acts on her new persona, and Tomas's calls fail, so he waits, with the reason."""
     def edit(data):
         data["agents"][0]["persona"] = "the harbor master, who secretly took the crates herself and now fears that Pim saw her on the dock at night"
         data["agents"][1]["persona"] = "a fisherman. " + "He talks about fish all day long. " * 200
     spec = _small_spec(tmp_path / "whatif.yaml", edit)
     out = tmp_path / "fork"
-    result = run_flow("simulate", str(spec), "--fork-from", "2", "--from", str(run_a), "--out", str(out), timeout=LONG)
+    result = run_flow("simulate", str(spec), "--fork-from", "3", "--from", str(run_a), "--out", str(out), timeout=LONG)
     assert result.returncode == 3, result.stderr  # finished, with failed calls
     original, fork = pl.read_parquet(run_a / "events.parquet"), pl.read_parquet(out / "events.parquet")
-    assert fork.filter(pl.col("step") <= 2).equals(original.filter(pl.col("step") <= 2))
+    assert fork.filter(pl.col("step") <= 3).equals(original.filter(pl.col("step") <= 3))
     assert fork.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
-    tomas = fork.filter((pl.col("agent") == "Tomas") & (pl.col("step") >= 3))
-    assert tomas["action"].to_list() == ["wait"] * 2 and all("--n-ctx" in n for n in tomas["note"])
+    tomas = fork.filter((pl.col("agent") == "Tomas") & (pl.col("step") >= 4))
+    assert tomas["action"].to_list() == ["wait"] * 3 and all("--n-ctx" in n for n in tomas["note"])
     calls = pl.read_parquet(out / "llm_calls.parquet")
     failed = calls.filter(pl.col("status") == "error")
-    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == [3, 4]
+    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == [4, 5, 6]
     usage = pl.read_parquet(out / "usage.parquet")
-    assert usage["steps_run"].to_list() == [2]
-    mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 3) & (pl.col("purpose") == "act"))
+    assert usage["steps_run"].to_list() == [3]
+    mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 4) & (pl.col("purpose") == "act"))
     assert (mara(calls)["prompt_tokens"].to_list() != mara(pl.read_parquet(run_a / "llm_calls.parquet"))["prompt_tokens"].to_list())
     info = json.loads((out / "run.json").read_text())
-    assert info["fork_step"] == 2 and info["forked_from"] == str(run_a)
+    assert info["fork_step"] == 3 and info["forked_from"] == str(run_a)
 
 
 def _bad(data, path):
