@@ -113,7 +113,7 @@ def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
         resolve_model(str(bad))
 
 
-ROWS = 4  # SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
+ROWS = 10  # the 10 SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
 
 
 def _summarize(run_flow, data, out, *extra, timeout: float = 600, stderr: list | None = None):
