@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class BackgroundWrites:
@@ -44,8 +44,10 @@ class BackgroundWrites:
             finished.append(tag)
         return finished
 
-    def pending(self) -> list[Any]:
-        return [tag for _future, tag in self._queue]
+    def pending(self) -> Iterator[Any]:
+        """The tags of the writes not yet collected by `done` or `wait` (no list per call: the
+        scheduler asks for every row it looks up)."""
+        return (tag for _future, tag in self._queue)
 
     def close(self) -> None:
         """Let submitted writes finish, without raising their errors (the run is ending anyway)."""
