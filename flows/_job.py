@@ -6,8 +6,9 @@ model loads while Prefect's server starts:
    row are checked, so a command that cannot run is refused in about a second;
 2. a rerun with nothing left to generate finishes right there (no model, no Prefect);
 3. otherwise the model worker starts loading in its own process, Prefect's temporary server
-   starts in a thread (unless `PREFECT_API_URL` names a server), and the flow runs with the
-   prepared job and the worker once the server answers.
+   starts in another (flows/_prefect_server.py; unless `PREFECT_API_URL` names a server), the
+   scheduler starts on the first rows at once (`ChunkRun.start_early`: their results wait in
+   memory for the flow run's id), and the flow run takes that run over once the server answers.
 Prefect is imported only in step 3: the flows' modules build their Prefect flow objects on
 first use (`lazy_flow`).
 
@@ -19,6 +20,8 @@ counts (tokenmill/tasks/chunks.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -30,20 +33,17 @@ import time
 from typing import Any, Callable
 
 from flows._cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, quiet_prefect_console
-from tokenmill.errors import TokenmillError
+from flows._prefect_server import PrefectStartError, TemporaryServer  # noqa: F401  (PrefectStartError: re-exported)
 from tokenmill.tasks.chunks import RUNNING, ChunkRun
 from tokenmill.tasks.runner import Job, JobConfig
 from tokenmill.usage import RunStats
 
 _prepared: dict[str, Job] = {}  # jobs cli_main prepared, handed to the flow run it starts
+_early: dict[str, ChunkRun] = {}  # their runs, generating already while Prefect starts
 
 
 def _config_key(config: JobConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
-
-
-class PrefectStartError(TokenmillError):
-    """Prefect's temporary server did not come up."""
 
 
 @functools.cache
@@ -83,9 +83,15 @@ def generate(job: Job, progress: bool) -> RunStats:
         except Exception:  # progress is for the UI: never a reason to stop generating
             pass
 
-    run = ChunkRun(job, job.config.task_rows)
-    restore = _stop_on_sigint(run, str(job.out))
-    run.start(progress, flow_run.id, on_chunk)
+    run = _early.pop(_config_key(job.config), None)
+    if run is None:
+        run = ChunkRun(job, job.config.task_rows)
+        restore = _stop_on_sigint(run, str(job.out))
+        run.start(progress, flow_run.id, on_chunk)
+    else:  # started by cli_main (its Ctrl-C handler stays): this flow run's id, and its context for on_chunk
+        restore = _nothing_to_restore
+        context = contextvars.copy_context()
+        run.adopt(flow_run.id, lambda stats: context.run(on_chunk, stats))
     running: list = []
     try:
         for rng in run.ranges:
@@ -102,6 +108,10 @@ def generate(job: Job, progress: bool) -> RunStats:
     stats = run.finish()
     update_progress_artifact(artifact_id=artifact, progress=100.0)
     return stats
+
+
+def _nothing_to_restore() -> None:
+    pass
 
 
 PREFECT_GRACE_S = 5.0  # after Ctrl-C, how long Prefect may take to report the interruption
@@ -185,36 +195,27 @@ def lazy_flow(fn: Callable[..., dict], name: str, attribute: str) -> Callable[[s
     return __getattr__
 
 
-def _start_prefect_server() -> Callable[[], None]:
-    """Start Prefect's temporary server in a thread when no server is configured; returns a
-    wait() that raises PrefectStartError with what to do if it did not come up."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+def _start_prefect_server() -> TemporaryServer | None:
+    """Start Prefect's temporary server (flows/_prefect_server.py) when no server is configured."""
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return lambda: None  # a server of the user's own: nothing to start
-    from prefect.server.api.server import SubprocessASGIServer
+        return None  # a server of the user's own: nothing to start
+    server = TemporaryServer()
+    server.start()
+    return server
 
-    failure: list[BaseException] = []
 
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()  # the instance Prefect's client uses later
-        except BaseException as exc:  # reported by wait()
-            failure.append(exc)
+@contextlib.contextmanager
+def _prefect_api(server: TemporaryServer | None):
+    """Prefect's client talks to `server` (once it answers) within this block."""
+    if server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-
-    def wait() -> None:
-        thread.join()
-        if failure:
-            timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-            raise PrefectStartError(
-                f"Prefect's temporary server did not start within {timeout} s ({str(failure[0]).split('.')[0]}); "
-                "on a busy machine raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server once "
-                "with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-
-    return wait
+    with temporary_settings(updates={PREFECT_API_URL: server.wait()}):
+        yield
 
 
 def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[..., Job],
@@ -233,16 +234,28 @@ def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[
               file=sys.stderr)
         return EXIT_ROW_ERRORS if stats.rows_error else EXIT_OK
     job.start_worker()  # the model loads in its own process from now on
+    key, run, restore = _config_key(config), None, _nothing_to_restore
     try:
-        wait_for_prefect = _start_prefect_server()
+        server = _start_prefect_server()  # stopped at exit, after Prefect's own exit handlers
+        if config.runner != "ray":  # (Ray's task runs need the flow run: they wait for it)
+            run = ChunkRun(job, config.task_rows)
+            restore = _stop_on_sigint(run, str(job.out))
+            run.start_early(progress=not args.no_progress)  # rows generate while Prefect starts
+            _early[key] = run
         flow = _flow(flow_body, flow_name)
         if not args.verbose:
             quiet_prefect_console()
-        wait_for_prefect()
-        _prepared[_config_key(config)] = job
-        result = flow(config, progress=not args.no_progress)
+        with _prefect_api(server):
+            _prepared[key] = job
+            result = flow(config, progress=not args.no_progress)
+    except BaseException:
+        if _early.pop(key, None) is not None:  # the flow never took its run over: keep what it finished
+            run.finish(aborted=True)
+        raise
     finally:
-        _prepared.pop(_config_key(config), None)
+        _prepared.pop(key, None)
+        _early.pop(key, None)
+        restore()
         job.stop_worker()
     print(result["summary"], file=sys.stderr)
     return EXIT_ROW_ERRORS if result["rows_error"] else EXIT_OK

@@ -76,3 +76,49 @@ def test_the_flow_run_shows_chunk_task_runs_with_their_rows(prefect_server, rows
     chunks = sorted((t["name"], t["state"]["type"]) for t in task_runs if t["name"].startswith("rows "))
     assert chunks == [("rows 0-99 (100 rows)", "COMPLETED"), ("rows 100-199 (100 rows)", "COMPLETED"),
                       ("rows 200-249 (50 rows)", "COMPLETED")]
+
+
+def _wait_for(condition, seconds: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_an_early_start_holds_its_rows_until_the_flow_runs_id_then_writes_them_with_it(rows, tmp_path):
+    """What the command line does while Prefect's server starts: the first RUNNING ranges
+    generate at once, nothing is written without the flow run's id, and every row gets it."""
+    out = tmp_path / "o"
+    job = prepare_summarize(JobConfig(input=str(rows), out=str(out), backend="echo", max_tokens=8, cache=False,
+                                      task_rows=100))
+    run = ChunkRun(job, 100)
+    run.start_early(progress=False)
+    _wait_for(lambda: run.ranges[1].done == 100)  # two ranges generated before any flow run
+    assert run.ranges[2].done == 0  # the third waits for its chunk task
+    assert not list((out / "parts").glob("*.parquet")), "rows were written before the run had its id"
+    run.adopt("flow-run-7", None)
+    for number in range(len(run.ranges)):
+        run.run_chunk(number)
+    stats = run.finish()
+    assert stats.run_id == "flow-run-7" and stats.rows_generated == ROWS
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["row"].to_list() == list(range(ROWS)) and set(results["run_id"]) == {"flow-run-7"}
+    assert pl.read_parquet(out / "usage.parquet")["run_id"].to_list() == ["flow-run-7"]
+
+
+def test_an_early_start_whose_flow_never_comes_keeps_what_it_finished(rows, tmp_path):
+    """Prefect failed to start (or Ctrl-C came first): the rows generated meanwhile are written
+    with the run's own id, and the next run reuses them."""
+    out = tmp_path / "o"
+    config = dict(input=str(rows), out=str(out), backend="echo", max_tokens=8, cache=False, task_rows=100)
+    run = ChunkRun(prepare_summarize(JobConfig(**config)), 100)
+    run.start_early(progress=False)
+    _wait_for(lambda: run.ranges[1].done == 100)
+    run.finish(aborted=True)  # (it may finish a few more rows before it sees the stop)
+    files = list((out / "parts").glob("*.parquet")) + list(out.glob("results.parquet"))
+    kept = pl.concat([pl.read_parquet(p) for p in files])
+    assert kept.height >= 200 and kept["row"].n_unique() == kept.height and kept["run_id"].n_unique() == 1
+    again = prepare_summarize(JobConfig(**config)).run(progress=False)
+    assert again.rows_resumed == kept.height and again.rows_generated == ROWS - kept.height

@@ -62,3 +62,35 @@ def test_prefect_server_that_does_not_start_is_one_line_saying_what_to_do(tmp_pa
                                  "--max-tokens", "4", "--no-cache", "--out", str(tmp_path / "out"),
                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
     assert_one_line_error(result, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL")
+
+
+def _processes_with(home: Path) -> list[int]:
+    """Processes whose environment names this PREFECT_HOME (the temporary server's among them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"PREFECT_HOME={home}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp_path):
+    """No PREFECT_API_URL: the command starts Prefect's server itself (flows/_prefect_server.py),
+    its flow run is in that server's database under the run's id, and the server is gone when
+    the command is."""
+    import sqlite3
+
+    home, out = tmp_path / "prefect-home", tmp_path / "out"
+    result = _run_without_server(home, "flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "3",
+                                 "--backend", "echo", "--no-cache", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    run_id = pl.read_parquet(out / "usage.parquet")["run_id"][0]
+    assert set(pl.read_parquet(out / "results.parquet")["run_id"]) == {run_id}
+    (database,) = home.rglob("*.db")
+    with sqlite3.connect(database) as db:
+        state = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (run_id,)).fetchone()
+    assert state == ("COMPLETED",)
+    assert _processes_with(home) == []

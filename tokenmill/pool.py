@@ -20,7 +20,7 @@ from tokenmill.models import registry
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: have the kernel kill this worker when its parent dies (even by SIGKILL), so a
     killed run leaves no model worker behind using the CPU."""
     try:
@@ -39,7 +39,7 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
     # Ctrl-C reaches the whole process group: the parent stops its workers itself (and keeps
     # their finished rows), so a worker neither dies mid-row nor prints a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         return
     from llama_cpp import _logger

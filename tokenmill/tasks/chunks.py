@@ -8,6 +8,10 @@ its range's task has opened it. With `RUNNING` ranges open at once, the last row
 and the first of the next decode together (continuous batching across chunks), and the input
 is read no further ahead than that (back-pressure).
 
+From the command line the scheduler starts before the flow does (`start_early`): while
+Prefect's server starts, the first RUNNING ranges are open and generate, their finished rows
+held in memory until the flow run's id comes (`adopt`: tasks/sink.py PendingRunId).
+
 A retried chunk task (Prefect's `retries`) opens its range again: rows the range already
 finished are not generated again, and the task just waits for the rest. A new run of the same
 job is resumed from the output folder's index as before, so rows written are never redone.
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tokenmill.errors import TokenmillError
+from tokenmill.tasks.sink import PendingRunId
 from tokenmill.usage import RunStats
 
 if TYPE_CHECKING:
@@ -74,12 +79,27 @@ class ChunkRun:
         self.stats: RunStats | None = None
         self._thread: threading.Thread | None = None
         self.stop = threading.Event()  # set when the flow stops (Ctrl-C): the scheduler stops too
+        self.pending_id: PendingRunId | None = None  # started before its flow run: see start_early
+
+    def start_early(self, progress: bool) -> None:
+        """Start generating the first RUNNING ranges before the flow run exists; its id (and
+        progress callback) come with `adopt`, and rows are written from then on."""
+        self.pending_id = PendingRunId()
+        with self._cond:
+            self._open.update(r.number for r in self.ranges[:RUNNING])
+        self.start(progress, None, None)
+
+    def adopt(self, run_id: str | None, on_chunk: Callable[[RunStats], None] | None) -> None:
+        """The flow run of an early start: its id for every row, its callback from now on."""
+        if self.pending_id is not None:
+            self.pending_id.set(run_id, on_chunk)
 
     def start(self, progress: bool, run_id: str | None, on_chunk: Callable[[RunStats], None] | None) -> None:
         def body() -> None:
             try:
                 self.stats = self.job.run(progress=progress, run_id=run_id, on_chunk=on_chunk,
-                                          rows=self._gated, on_row=self._finished, stop=self.stop)
+                                          rows=self._gated, on_row=self._finished, stop=self.stop,
+                                          pending_id=self.pending_id)
             except BaseException as exc:  # handed to the waiting chunk tasks and to finish()
                 self.error = exc
             finally:
@@ -138,6 +158,7 @@ class ChunkRun:
         `aborted`: the flow is stopping; the scheduler keeps what is finished and stops too."""
         if aborted:
             self.stop.set()
+            self.adopt(None, None)  # no flow run to wait for: rows keep the id the run started with
         with self._cond:
             self._open.update(r.number for r in self.ranges)  # (a range whose task never ran cannot block)
             self._cond.notify_all()

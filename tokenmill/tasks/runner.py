@@ -27,7 +27,7 @@ from tokenmill.models.memory import available_ram, check_fits, free_vram, memory
 from tokenmill.pool import Worker
 from tokenmill.tasks.planner import Planner, check_out_dir_task  # noqa: F401  (re-exported)
 from tokenmill.tasks.scheduler import Scheduler
-from tokenmill.tasks.sink import ResultSink
+from tokenmill.tasks.sink import PendingRunId, ResultSink
 from tokenmill.tasks.spec import JobConfig, TaskSpec, row_key  # noqa: F401  (re-exported)
 from tokenmill.usage import Prices, RunStats
 from tokenmill.worker_pool import make_workers, plan_workers, visible_gpus
@@ -124,10 +124,12 @@ class Job(Planner):
 
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None, rows: Callable | None = None,
-            on_row: Callable[[dict], None] | None = None, stop=None) -> RunStats:
+            on_row: Callable[[dict], None] | None = None, stop=None, pending_id: PendingRunId | None = None
+            ) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage.
         `rows` gates the planned rows (tasks/chunks.py); `on_row` sees every finished results row;
-        `stop` (a threading.Event) ends the run as Ctrl-C would."""
+        `stop` (a threading.Event) ends the run as Ctrl-C would; `pending_id`: the run's id
+        comes later (tasks/sink.py), rows are written once it has."""
         stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
                          device="none (no rows generated)")
         if run_id:
@@ -135,7 +137,7 @@ class Job(Planner):
         lock = OutputLock(self.out)
         lock.acquire()
         try:
-            self._run_locked(stats, progress, on_chunk, rows, on_row, stop)
+            self._run_locked(stats, progress, on_chunk, rows, on_row, stop, pending_id)
         finally:
             lock.release()
         return stats
@@ -146,14 +148,17 @@ class Job(Planner):
 
     def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None,
                     rows: Callable | None = None, on_row: Callable[[dict], None] | None = None,
-                    stop=None) -> None:
+                    stop=None, pending_id: PendingRunId | None = None) -> None:
         index = FolderIndex(self.out)
         try:
             index.sync()
             if (last := self._finished_before(index)) is not None:
+                if pending_id is not None:  # the usage row carries the run's id
+                    pending_id.ready.wait()
+                    stats.run_id = pending_id.run_id or stats.run_id
                 self._nothing_to_do(stats, last, on_row)
                 return
-            self._generate(stats, index, progress, on_chunk, rows, on_row, stop)
+            self._generate(stats, index, progress, on_chunk, rows, on_row, stop, pending_id)
         finally:
             index.close()
 
@@ -171,15 +176,18 @@ class Job(Planner):
 
     def _generate(self, stats: RunStats, index: FolderIndex, progress: bool,
                   on_chunk: Callable[[RunStats], None] | None, rows: Callable | None = None,
-                  on_row: Callable[[dict], None] | None = None, stop=None) -> None:
+                  on_row: Callable[[dict], None] | None = None, stop=None,
+                  pending_id: PendingRunId | None = None) -> None:
         cache = self._open_cache()
         worker, self.worker = self.worker or self._new_worker(), None  # started by start_worker, or on first use
-        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_row=on_row)
+        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_row=on_row,
+                          run_id=pending_id)
         try:
             try:
                 Scheduler(self, worker, index, cache, sink, stats, gate=rows, stop=stop).run()
             except BaseException:
                 try:
+                    sink.release()  # (a run stopping before it has its id keeps its provisional one)
                     sink.flush()  # rows already finished are worth keeping, whatever stopped the run
                 finally:
                     sink.settle(raise_errors=False)
@@ -192,6 +200,7 @@ class Job(Planner):
             state = {"fingerprint": self.fingerprint(), "rows_total": stats.rows_total, "rows_ok": stats.rows_ok,
                      "rows_error": stats.rows_error, "rows_skipped": stats.rows_skipped,
                      "retryable": stats.rows_error - stats.rows_skipped, "tokens": stats.tokens + stats.tokens_saved}
+            sink.flush(wait=True)  # (a run's id that comes late goes into its usage row too)
             sink.finish(self._usage(stats, worker.restarts), state)
         finally:
             if cache:

@@ -5,11 +5,16 @@ of usage.parquet.
 A part is written at least every FLUSH_S seconds while rows finish, and at most MAX_PART_ROWS
 rows long: a slow model loses at most a second of finished rows when the run dies, and a fast
 backend does not write thousands of tiny files. Memory holds one part's rows at most.
+
+A run may start generating before it knows its id (`PendingRunId`: the command line starts
+rows while Prefect's server starts, and the id is Prefect's flow run's). Its finished rows
+then stay in memory, at most one part's worth, until the id comes; they are written with it.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -30,16 +35,33 @@ MAX_PART_ROWS = 50_000
 CALLBACK_S = 2.0  # on_chunk (Prefect's progress artifact) at most this often
 
 
+class PendingRunId:
+    """The id of a run that has started before its id is known; `set(run_id)` gives it (or
+    None: keep the provisional id the run started with, for a run stopping without one), and
+    `on_chunk` with it (the callback the run's flow wants)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.run_id: str | None = None
+        self.on_chunk: Callable[[RunStats], None] | None = None
+
+    def set(self, run_id: str | None, on_chunk: Callable[[RunStats], None] | None = None) -> None:
+        if not self.ready.is_set():
+            self.run_id, self.on_chunk = run_id, on_chunk
+            self.ready.set()
+
+
 class ResultSink:
     def __init__(self, planner: "Planner", stats: RunStats, index: FolderIndex, cache: ResultCache | None,
                  progress: bool = False, on_chunk: Callable[[RunStats], None] | None = None,
-                 on_row: Callable[[dict], None] | None = None):
+                 on_row: Callable[[dict], None] | None = None, run_id: PendingRunId | None = None):
         self.planner = planner
         self.stats = stats
         self.index = index
         self.cache = cache
         self.on_chunk = on_chunk
         self.on_row = on_row  # sees every results row (tasks/chunks.py counts a chunk's rows)
+        self.run_id = run_id  # while not None: the run's id is not known yet, so nothing is written
         self.writer = PartWriter(planner.out, stats.run_id)
         self.buffer: list[dict] = []
         self.part_rows = min(MAX_PART_ROWS, planner.config.part_rows)
@@ -95,10 +117,40 @@ class ResultSink:
         for records in self.writes.done():
             self.recent.update(records)
 
-    def flush(self) -> None:
+    def _id_known(self, wait: bool) -> bool:
+        """Whether rows can be written: the run's id is known (adopting it the first time), or
+        `wait` for it."""
+        pending = self.run_id
+        if pending is None:
+            return True
+        if not pending.ready.is_set() and not (wait or len(self.buffer) >= self.part_rows):
+            return False
+        pending.ready.wait()  # (a full part, or the end of the run: wait for the id)
+        old, new = self.stats.run_id, pending.run_id
+        if new is not None and new != old:
+            for record in self.buffer:  # the rows in `pending` are among them
+                if record.get("run_id") == old:
+                    record["run_id"] = new
+            self.stats.run_id = new
+            self.writer = PartWriter(self.planner.out, new)
+        if pending.on_chunk is not None:
+            self.on_chunk = pending.on_chunk
+        self.run_id = None
+        return True
+
+    def release(self) -> None:
+        """The run is ending without its id (it failed or was stopped before): its rows keep the
+        provisional one, so they can be written."""
+        if self.run_id is not None:
+            self.run_id.set(None)
+
+    def flush(self, wait: bool = False) -> None:
         """Write the rows finished since the last part; the index and cache take them in the
-        background (io/background.py), the part's name in the same transaction."""
+        background (io/background.py), the part's name in the same transaction. `wait`: the
+        run is ending, so wait for its id if it has none yet."""
         now = time.monotonic()
+        if not self._id_known(wait):
+            return
         self._flushed_at = now
         if not self.buffer:
             return
@@ -140,7 +192,7 @@ class ResultSink:
     def finish(self, usage: dict, state: dict | None) -> None:
         """Every row is in a part: merge them into results.parquet, note it in the index with
         `state` (for a quick rerun), and append the run's usage row."""
-        self.flush()
+        self.flush(wait=True)
         self.settle()
         out = self.planner.out
         self.writer.merge(out / RESULTS_FILE, order_by="row")
