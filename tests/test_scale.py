@@ -196,3 +196,30 @@ def test_calibration_is_stored_and_used_unless_options_override(tmp_path, monkey
     assert (settings.n_seq, settings.n_threads) == (best["n_seq"], 1)
     job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), n_seq=5, n_threads=2))
     assert (job.settings().n_seq, job.settings().n_threads) == (5, 2)
+
+
+def test_stored_records_are_compact_and_records_stored_as_objects_are_still_read(tmp_path):
+    """The index and the cache keep records as arrays without their key (a third of the bytes);
+    a cache written before that (JSON objects) still serves its results."""
+    import sqlite3
+
+    import orjson
+
+    from tokenmill.contract import STORED_FIELDS
+
+    data = tmp_path / "in.parquet"
+    pl.DataFrame({"text": [f"row {i} text" for i in range(30)]}).write_parquet(data)
+    cache = tmp_path / "cache"
+    run_echo("summarize", data, tmp_path / "a", cache_dir=str(cache))
+    first = pl.read_parquet(tmp_path / "a" / RESULTS_FILE)
+    with sqlite3.connect(cache / "results.sqlite") as db:
+        stored = db.execute("SELECT row_key, record FROM results").fetchall()
+        assert len(stored) == 30 and all(orjson.loads(record)[0] == 1 for _key, record in stored)
+        assert all(key.encode() not in record for key, record in stored)
+        db.execute("DELETE FROM results")  # rewrite them as objects, the older form
+        db.executemany("INSERT INTO results VALUES (?, ?)", [
+            (key, orjson.dumps(dict(zip(STORED_FIELDS, [key, *orjson.loads(record)[1:]])))) for key, record in stored])
+    stats = run_echo("summarize", data, tmp_path / "b", cache_dir=str(cache))
+    assert stats.rows_cached == 30 and stats.rows_generated == 0
+    again = pl.read_parquet(tmp_path / "b" / RESULTS_FILE)
+    assert again.select("row_key", "summary", "raw_output").equals(first.select("row_key", "summary", "raw_output"))

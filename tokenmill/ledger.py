@@ -36,7 +36,7 @@ class ResultCache:
 
     def get(self, key: str) -> dict | None:
         row = self._db.execute("SELECT record FROM results WHERE row_key = ?", (key,)).fetchone()
-        return load_record(row[0]) if row else None
+        return load_record(row[0], key) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         return dict(select_many(self._db, "SELECT row_key, record FROM results WHERE row_key IN ({})", keys))

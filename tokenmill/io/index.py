@@ -103,7 +103,7 @@ class FolderIndex:
     # -- records ---------------------------------------------------------------------------
     def get(self, key: str) -> dict | None:
         row = self._db.execute("SELECT record FROM records WHERE key = ?", (key,)).fetchone()
-        return load_record(row[0]) if row else None
+        return load_record(row[0], key) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         """The stored records of those `keys` the index holds."""
@@ -178,7 +178,7 @@ def select_many(db: sqlite3.Connection, query: str, keys: list[str], size: int =
     for start in range(0, len(keys), size):
         batch = keys[start:start + size]
         for key, text in db.execute(query.format(",".join("?" * len(batch))), batch):
-            yield key, load_record(text)
+            yield key, load_record(text, key)
 
 
 class KeyFilter:
