@@ -20,7 +20,6 @@ counts (tokenmill/tasks/chunks.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -206,16 +205,16 @@ def _start_prefect_server() -> TemporaryServer | None:
     return server
 
 
-@contextlib.contextmanager
-def _prefect_api(server: TemporaryServer | None):
-    """Prefect's client talks to `server` (once it answers) within this block."""
+def _use_server(server: TemporaryServer | None) -> None:
+    """Once `server` answers, point this process at it for good (and its children): the
+    environment, and Prefect's process-wide settings, which its own threads and exit handlers
+    fall back on (else one of them would start a server of its own)."""
     if server is None:
-        yield
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    os.environ["PREFECT_API_URL"] = server.wait()
+    from prefect.context import refresh_global_settings_context
 
-    with temporary_settings(updates={PREFECT_API_URL: server.wait()}):
-        yield
+    refresh_global_settings_context()
 
 
 def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[..., Job],
@@ -245,9 +244,9 @@ def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[
         flow = _flow(flow_body, flow_name)
         if not args.verbose:
             quiet_prefect_console()
-        with _prefect_api(server):
-            _prepared[key] = job
-            result = flow(config, progress=not args.no_progress)
+        _use_server(server)
+        _prepared[key] = job
+        result = flow(config, progress=not args.no_progress)
     except BaseException:
         if _early.pop(key, None) is not None:  # the flow never took its run over: keep what it finished
             run.finish(aborted=True)

@@ -223,3 +223,20 @@ def test_stored_records_are_compact_and_records_stored_as_objects_are_still_read
     assert stats.rows_cached == 30 and stats.rows_generated == 0
     again = pl.read_parquet(tmp_path / "b" / RESULTS_FILE)
     assert again.select("row_key", "summary", "raw_output").equals(first.select("row_key", "summary", "raw_output"))
+
+
+def test_an_index_of_the_older_form_is_replaced_and_read_again_from_the_files(tmp_path):
+    import sqlite3
+
+    _input(tmp_path / "in.parquet", 300)
+    run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    path = tmp_path / "out" / INDEX_FILE
+    with sqlite3.connect(path) as db:  # the form before 2026-12-05: records in a WITHOUT ROWID table
+        db.executescript("ALTER TABLE records RENAME TO new; CREATE TABLE records (key TEXT PRIMARY KEY, ok INTEGER "
+                         "NOT NULL, run_id TEXT, record TEXT NOT NULL) WITHOUT ROWID; INSERT INTO records SELECT key, "
+                         "ok, run_id, record FROM new; DROP TABLE new; DELETE FROM state;")
+    stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
+    assert (stats.rows_generated, stats.rows_resumed) == (0, 300)
+    with sqlite3.connect(path) as db:
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'records'").fetchone()
+        assert "WITHOUT ROWID" not in sql and db.execute("SELECT count(*) FROM records").fetchone() == (270,)  # 30 repeats

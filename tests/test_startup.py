@@ -83,10 +83,32 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
     the command is."""
     import sqlite3
 
+    import threading
+
     home, out = tmp_path / "prefect-home", tmp_path / "out"
-    result = _run_without_server(home, "flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "3",
-                                 "--backend", "echo", "--no-cache", "--out", str(out))
+    servers: set[int] = set()  # uvicorn processes seen under this PREFECT_HOME while the command ran
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for pid in _processes_with(home):
+                try:
+                    if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        servers.add(pid)
+                except OSError:
+                    pass
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = _run_without_server(home, "flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "3",
+                                     "--backend", "echo", "--no-cache", "--out", str(out))
+    finally:
+        done.set()
+        watcher.join()
     assert result.returncode == 0, result.stderr
+    assert len(servers) == 1, f"expected one temporary server, saw {len(servers)}"
     run_id = pl.read_parquet(out / "usage.parquet")["run_id"][0]
     assert set(pl.read_parquet(out / "results.parquet")["run_id"]) == {run_id}
     (database,) = home.rglob("*.db")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenmill.contract import LOCK_FILE, load_record
 from tokenmill.errors import InputError
-from tokenmill.io.index import select_many
+from tokenmill.io.index import WAL_PAGES, select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
@@ -51,6 +51,7 @@ class ResultCache:
             return
         if self._writes is None:
             self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._writes.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         with self._writes:
             self._writes.execute("BEGIN")
             self._writes.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", records)
