@@ -207,12 +207,22 @@ def _bad(data, path):
     (lambda d: d["agents"][3].update(name="Mara"), ["'agents[3].name'", "'Mara'"]),
     (lambda d: d["memory"].update(recent="many"), ["'memory.recent'"]),
 ])
-def test_a_bad_spec_fails_on_one_line_naming_file_and_key_before_any_model_loads(run_flow, tmp_path, edit, needles):
+def test_a_bad_spec_fails_on_one_line_naming_file_and_key_before_any_model_loads(run_cli_here, monkeypatch, tmp_path,
+                                                                                 edit, needles):
+    """The command line in this process (refused before any step: no interpreter of its own needed);
+    a spec that got as far as the simulation flow fails the test."""
+    import flows.simulate
+    from tests.conftest import _NotRefused
+
+    def not_refused(*args, **kwargs):
+        raise _NotRefused("the spec was not refused: the simulation flow started")
+
+    monkeypatch.setattr(flows.simulate, "simulate_flow", not_refused)
     data = yaml.safe_load(SPEC.read_text())
     edit(data)
     path = _bad(data, tmp_path / "bad.yaml")
     out = tmp_path / "out"
-    result = run_flow("simulate", str(path), "--out", str(out), "--model", str(tmp_path / "absent.gguf"))
+    result = run_cli_here("simulate", str(path), "--out", str(out), "--model", str(tmp_path / "absent.gguf"))
     line = assert_one_line_error(result, str(path), *needles)  # the spec is refused before the model is looked for
     assert line.startswith("python -m flows.simulate: error: spec ")
     assert not out.exists()
