@@ -194,6 +194,20 @@ def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_f
     assert info["fork_step"] == 3 and info["forked_from"] == str(run_a)
 
 
+@pytest.fixture
+def simulate_here(run_cli_here, monkeypatch):
+    """`python -m flows.simulate ARGS` in this process, for commands refused before any step (no
+    interpreter of their own); one that gets as far as the simulation flow fails the test."""
+    import flows.simulate
+    from tests.conftest import _NotRefused
+
+    def not_refused(*args, **kwargs):
+        raise _NotRefused("the command was not refused: the simulation flow started")
+
+    monkeypatch.setattr(flows.simulate, "simulate_flow", not_refused)
+    return lambda *args: run_cli_here("simulate", *args)
+
+
 def _bad(data, path):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -207,12 +221,12 @@ def _bad(data, path):
     (lambda d: d["agents"][3].update(name="Mara"), ["'agents[3].name'", "'Mara'"]),
     (lambda d: d["memory"].update(recent="many"), ["'memory.recent'"]),
 ])
-def test_a_bad_spec_fails_on_one_line_naming_file_and_key_before_any_model_loads(run_flow, tmp_path, edit, needles):
+def test_a_bad_spec_fails_on_one_line_naming_file_and_key_before_any_model_loads(simulate_here, tmp_path, edit, needles):
     data = yaml.safe_load(SPEC.read_text())
     edit(data)
     path = _bad(data, tmp_path / "bad.yaml")
     out = tmp_path / "out"
-    result = run_flow("simulate", str(path), "--out", str(out), "--model", str(tmp_path / "absent.gguf"))
+    result = simulate_here(str(path), "--out", str(out), "--model", str(tmp_path / "absent.gguf"))
     line = assert_one_line_error(result, str(path), *needles)  # the spec is refused before the model is looked for
     assert line.startswith("python -m flows.simulate: error: spec ")
     assert not out.exists()
@@ -292,7 +306,7 @@ def test_each_agents_prompt_is_its_previous_prompt_and_reply_plus_one_turn_and_r
 
 
 @SIM_MODEL
-def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, run_flow, spec4):
+def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, run_flow, simulate_here, spec4):
     before = pl.read_parquet(run_a / "events.parquet")
     again = run_flow("simulate", str(spec4), "--out", str(run_a))
     assert again.returncode == 0, again.stderr  # nothing ran, so nothing failed
@@ -303,7 +317,7 @@ def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, r
     after = pl.read_parquet(run_a / "events.parquet")
     assert after.filter(pl.col("step") <= STEPS).equals(before)
     assert after.filter(pl.col("step") == STEPS + 1).height == 4
-    other = run_flow("simulate", str(spec4), "--out", str(run_a), "--seed", "99")
+    other = simulate_here(str(spec4), "--out", str(run_a), "--seed", "99")
     assert_one_line_error(other, str(run_a), "--fork-from")
 
 

@@ -69,22 +69,22 @@ def test_output_folder_holding_another_jobs_results(run_cli_here, good, tmp_path
     assert_one_line_error(run_cli_here("summarize", str(good), "--out", str(out)), str(out), "extract", "--out")
 
 
-def test_non_gguf_model_file(run_flow, good, tmp_path):
+def test_non_gguf_model_file(run_cli_here, good, tmp_path):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"PK\x03\x04 this is a zip, not a model")
-    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_cli_here("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "not a GGUF")
 
 
-def test_truncated_gguf_model_file(run_flow, good, tmp_path):
+def test_truncated_gguf_model_file(run_cli_here, good, tmp_path):
     model = tmp_path / "cut.gguf"
     with default_model_path().open("rb") as fh:
         model.write_bytes(fh.read(5_000_000))
-    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_cli_here("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "could not load")
 
 
-def test_gguf_of_an_unsupported_architecture(run_flow, good, tmp_path):
+def test_gguf_of_an_unsupported_architecture(run_cli_here, good, tmp_path):
     model = tmp_path / "alien.gguf"
     writer = gguf.GGUFWriter(str(model), "alienformer")
     writer.add_name("alien")
@@ -93,7 +93,7 @@ def test_gguf_of_an_unsupported_architecture(run_flow, good, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert_one_line_error(run_flow("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run_cli_here("summarize", str(good), "--model", str(model), "--out", str(tmp_path / "o")),
            str(model), "could not load")
 
 

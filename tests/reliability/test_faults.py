@@ -17,6 +17,11 @@ import pytest
 from tests.conftest import REPO, run_echo, scitldr_rows
 
 FAST = ["--max-tokens", "16", "--chunk-size", "2", "--part-rows", "2", "--no-cache", "--no-progress"]
+# Runs that are killed or interrupted: short abstracts (a fifth of a full one's prefill, which is
+# most of a row's time here) through 2 slots, so parts keep coming one after another instead of
+# 16 rows finishing in the same decode step, and a kill after a part still lands mid-generation.
+KILLABLE = [*FAST, "--n-seq", "2"]
+WORDS = 40
 
 
 def _env(prefect_server) -> dict:
@@ -80,6 +85,15 @@ def dataset(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def short_dataset(tmp_path) -> Path:
+    """ROWS abstracts cut to their first WORDS words: what a kill test needs is rows, not long prompts."""
+    path = tmp_path / "short.parquet"
+    rows = [{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(ROWS)]
+    pl.DataFrame(rows).write_parquet(path)
+    return path
+
+
 def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
     results = pl.read_parquet(out / "results.parquet")
     assert results["row"].to_list() == list(range(rows))
@@ -87,9 +101,9 @@ def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
     return results
 
 
-def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server, dataset, tmp_path):
+def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server, short_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    proc = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     _wait_for(lambda: len(_parts(out)) >= 2, proc)
     sent = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
@@ -100,7 +114,7 @@ def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server,
     assert "Run the same command again to continue" in stderr.strip().splitlines()[-1]
     assert _parts(out), "finished parts must be kept"
     kept = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
-    again = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    again = _finish(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     assert again.returncode == 0, again.stderr
     _assert_complete(out, ROWS)
     assert pl.read_parquet(out / "usage.parquet")["rows_generated"][-1] <= ROWS - kept
@@ -115,14 +129,14 @@ def _new_rows(out: Path, before: int):
     return lambda: _rows_written(out) > before
 
 
-def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tmp_path):
+def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, short_dataset, tmp_path):
     """kill -9 (the run and its worker) while it imports, while Prefect and the model start, and
     three times mid-generation, just after a part with newly generated rows is written; then the
     same command finishes."""
     out = tmp_path / "out"
     landed = []
     for when in (1.0, 3.0, "part", "part", "part"):
-        proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+        proc = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
         if when == "part":
             _wait_for(_new_rows(out, _rows_written(out)), proc)
         else:
@@ -134,7 +148,7 @@ def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, dataset, tm
     # each mid-generation kill came after a part and before the end: more rows kept each time, no results yet
     mid = [rows for when, rows, finished in landed if when == "part" and not finished]
     assert len(mid) == 3 and mid == sorted(set(mid)) and mid[-1] < ROWS, landed
-    final = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    final = _finish(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     assert final.returncode == 0, final.stderr
     results = _assert_complete(out, ROWS)
     assert results["row_key"].n_unique() == ROWS
@@ -176,9 +190,9 @@ def test_a_lock_left_by_a_killed_run_does_not_block(dataset, tmp_path):
     assert not (out / ".tokenmill.lock").exists()
 
 
-def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, dataset, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, short_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    proc = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     os.kill(_worker_pid(proc.pid), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
@@ -187,11 +201,11 @@ def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, datase
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
 
 
-def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_path):
+def test_a_worker_does_not_outlive_its_killed_run(prefect_server, short_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), "--max-tokens", "400", "--chunk-size", "1",
+    proc = _start(prefect_server, str(short_dataset), "--out", str(out), "--max-tokens", "400", "--chunk-size", "1",
                   "--part-rows", "1",
-                  "--no-cache", "--no-progress")
+                  "--n-seq", "2", "--no-cache", "--no-progress")
     # generating: a first row is written, so its rows are admitted and it reads no more requests
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     worker = _worker_pid(proc.pid)
@@ -207,9 +221,9 @@ def test_a_worker_does_not_outlive_its_killed_run(prefect_server, dataset, tmp_p
         os.killpg(proc.pid, signal.SIGKILL)  # whatever else the run started
 
 
-def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, dataset, tmp_path):
+def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, short_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(dataset), "--out", str(out), "--worker-timeout", "5", *FAST)
+    proc = _start(prefect_server, str(short_dataset), "--out", str(out), "--worker-timeout", "5", *KILLABLE)
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     hung = _worker_pid(proc.pid)
     os.kill(hung, signal.SIGSTOP)  # alive but silent: no token ever comes
@@ -252,16 +266,17 @@ def test_disk_full_stops_with_a_clear_error_and_readable_parts(prefect_server, t
 
 def test_long_prompts_are_work_not_a_hang(tmp_path):
     """The batched engine reports after every decode, so minutes of prompt evaluation before a
-    row's first token do not look like a silent worker (an 8 s hang limit here, rows that take
-    longer than that to evaluate before any of them finishes)."""
+    row's first token do not look like a silent worker (a 4 s hang limit here, rows that take
+    longer than that to evaluate before any of them finishes). Decodes of 128 tokens keep each
+    step well inside the limit."""
     from tokenmill.models.base import GenerationRequest, ModelSettings
     from tokenmill.models.resolve import default_model_path
     from tokenmill.pool import ModelWorker
 
-    hang_s = 8
+    hang_s = 4
     texts = [r["text"] for r in scitldr_rows(48)]
-    prompts = [" ".join(texts[i::4])[:5000] for i in range(4)]  # ~1,100 tokens each, no shared prefix
-    worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=2048 * 5, n_seq=4),
+    prompts = [" ".join(texts[i::4])[:2200] for i in range(4)]  # ~500 tokens each, no shared prefix
+    worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=1024 * 5, n_seq=4, n_batch=128),
                          hang_timeout_s=hang_s)
     done, first = [], None
     try:
