@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -17,6 +18,19 @@ def _reason(exc: Exception) -> str:
     """The OS's words for a failed write; Polars wraps them in its own message."""
     text = getattr(exc, "strerror", None) or str(exc)
     return text.split("underlying IO error: ")[-1].split(" (os error")[0]
+
+
+def _write_failure(exc: Exception, folder: Path) -> str:
+    """Why a write failed. Where the disk filled, Polars may report only the damage it did to
+    the file (an "Invalid thrift" error, say): then the folder's free space says what happened."""
+    reason = _reason(exc)
+    if getattr(exc, "errno", None) is None and "No space left" not in reason:
+        try:
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return f"No space left on device ({reason})"
+        except OSError:
+            pass
+    return reason
 
 
 def write_atomic(df: pl.DataFrame, path: Path) -> None:
@@ -35,7 +49,7 @@ def write_atomic(df: pl.DataFrame, path: Path) -> None:
     except (OSError, pl.exceptions.PolarsError) as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(
-            f"cannot write {path}: {_reason(exc)}; files already written in {path.parent} are kept; "
+            f"cannot write {path}: {_write_failure(exc, path.parent)}; files already written in {path.parent} are kept; "
             "free space or fix the folder, then run the same command again to continue") from None
 
 
