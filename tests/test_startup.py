@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -86,17 +87,18 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
     import threading
 
     home, out = tmp_path / "prefect-home", tmp_path / "out"
-    servers: set[int] = set()  # uvicorn processes seen under this PREFECT_HOME while the command ran
+    at_once: list[int] = [0]  # the most uvicorn processes under this PREFECT_HOME seen alive at one time
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
+            alive = 0
             for pid in _processes_with(home):
                 try:
-                    if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        servers.add(pid)
+                    alive += b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     pass
+            at_once[0] = max(at_once[0], alive)
             done.wait(0.1)
 
     watcher = threading.Thread(target=watch)
@@ -108,11 +110,14 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
         done.set()
         watcher.join()
     assert result.returncode == 0, result.stderr
-    assert len(servers) == 1, f"expected one temporary server, saw {len(servers)}"
+    assert at_once[0] == 1, f"expected one temporary server at a time, saw {at_once[0]}"
     run_id = pl.read_parquet(out / "usage.parquet")["run_id"][0]
     assert set(pl.read_parquet(out / "results.parquet")["run_id"]) == {run_id}
     (database,) = home.rglob("*.db")
     with sqlite3.connect(database) as db:
         state = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (run_id,)).fetchone()
     assert state == ("COMPLETED",)
+    deadline = time.monotonic() + 5  # (a process the kernel is still tearing down may show for a moment)
+    while _processes_with(home) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _processes_with(home) == []
