@@ -93,6 +93,21 @@ def run_flow(prefect_server, tmp_path_factory):
     return run
 
 
+def processes_with_home(home) -> list[int]:
+    """Pids of other processes whose environment sets PREFECT_HOME to `home` (a test's own
+    Prefect home: the servers and commands it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if f"PREFECT_HOME={home}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def assert_one_line_error(result, *needles: str) -> str:
     """The command failed with exit 1 and a last stderr line `PROG: error: ...` holding every needle."""
     assert result.returncode == 1, (result.returncode, result.stderr)

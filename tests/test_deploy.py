@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, processes_with_home
 
 ARTICLES = REPO / "data" / "articles.csv"
 TINY = {"id_column": "id", "max_tokens": 8, "n_ctx": 1024, "no_cache": True}
@@ -34,20 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _ours(marker: str) -> list[int]:
-    """Pids of processes whose environment holds `marker` (this module's PREFECT_HOME)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if f"PREFECT_HOME={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30) -> bool:
@@ -145,7 +131,7 @@ def stack(tmp_path_factory):
             if name not in stopped:
                 stopped[name] = _stop(proc)
         deadline = time.monotonic() + 10  # the last children may take a moment to exit
-        while (left := _ours(str(home))) and time.monotonic() < deadline:
+        while (left := processes_with_home(str(home))) and time.monotonic() < deadline:
             time.sleep(0.5)
         described = {pid: _cmdline(pid) for pid in left}
         for pid in left:  # clean up before failing: e.g. a flow run or model worker the runner left behind

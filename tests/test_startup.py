@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, processes_with_home
 
 
 def _run_without_server(home: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
@@ -65,19 +65,6 @@ def test_prefect_server_that_does_not_start_is_one_line_saying_what_to_do(tmp_pa
     assert_one_line_error(result, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL")
 
 
-def _processes_with(home: Path) -> list[int]:
-    """Processes whose environment names this PREFECT_HOME (the temporary server's among them)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if f"PREFECT_HOME={home}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp_path):
     """No PREFECT_API_URL: the command starts Prefect's server itself (flows/_prefect_server.py),
     its flow run is in that server's database under the run's id, and the server is gone when
@@ -93,7 +80,7 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
     def watch() -> None:
         while not done.is_set():
             alive = 0
-            for pid in _processes_with(home):
+            for pid in processes_with_home(home):
                 try:
                     alive += b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
@@ -118,6 +105,6 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
         state = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (run_id,)).fetchone()
     assert state == ("COMPLETED",)
     deadline = time.monotonic() + 5  # (a process the kernel is still tearing down may show for a moment)
-    while _processes_with(home) and time.monotonic() < deadline:
+    while processes_with_home(home) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_with(home) == []
+    assert processes_with_home(home) == []
