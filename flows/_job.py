@@ -23,6 +23,7 @@ import argparse
 import contextvars
 import dataclasses
 import functools
+import gc
 import json
 import os
 import signal
@@ -246,6 +247,9 @@ def cli_main(args: argparse.Namespace, config: JobConfig, prepare_job: Callable[
             quiet_prefect_console()
         _use_server(server)
         _prepared[key] = job
+        # Prefect's modules are loaded by now: their objects (hundreds of thousands) need not be
+        # scanned by every full garbage collection while rows stream (objects still free by refcount)
+        gc.freeze()
         result = flow(config, progress=not args.no_progress)
     except BaseException:
         if _early.pop(key, None) is not None:  # the flow never took its run over: keep what it finished

@@ -48,9 +48,15 @@ _RECORD_FORMAT = 1
 _RECORD_FIELDS = tuple(f for f in STORED_FIELDS if f != "row_key")
 
 
+def record_values(record: dict) -> list:
+    """A record's STORED_FIELDS (less its row key) as the folder index and the results cache keep
+    them: a JSON array after the format number."""
+    return [_RECORD_FORMAT, *map(record.get, _RECORD_FIELDS)]
+
+
 def dump_record(record: dict) -> bytes:
-    """A record's STORED_FIELDS (less its row key) as the folder index and the results cache keep them."""
-    return orjson.dumps([_RECORD_FORMAT, *map(record.get, _RECORD_FIELDS)], default=str)
+    """`record_values` as JSON text."""
+    return orjson.dumps(record_values(record), default=str)
 
 
 def load_record(data: bytes | str, key: str) -> dict:

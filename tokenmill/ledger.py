@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenmill.contract import LOCK_FILE, load_record
 from tokenmill.errors import InputError
-from tokenmill.io.index import WAL_PAGES, select_many
+from tokenmill.io.index import WAL_PAGES, as_json, select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
@@ -39,13 +39,14 @@ class ResultCache:
         return load_record(row[0], key) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
-        return dict(select_many(self._db, "SELECT row_key, record FROM results WHERE row_key IN ({})", keys))
+        return dict(select_many(
+            self._db, "SELECT row_key, record FROM results WHERE row_key IN (SELECT value FROM json_each(?))", keys))
 
     def empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
-    def write(self, records: list[tuple[str, bytes]]) -> None:
-        """Store (row key, `contract.dump_record` of a reusable record) pairs, in one transaction.
+    def write(self, records: list[tuple[str, list]]) -> None:
+        """Store (row key, `contract.record_values` of a reusable record) pairs, in one statement.
         Callable from one other thread (tokenmill.io.background), on a connection of its own."""
         if not records:
             return
@@ -54,7 +55,8 @@ class ResultCache:
             self._writes.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         with self._writes:
             self._writes.execute("BEGIN")
-            self._writes.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", records)
+            self._writes.execute("INSERT OR REPLACE INTO results (row_key, record) SELECT json_extract(value, '$[0]'), "
+                                 "json_extract(value, '$[1]') FROM json_each(?)", (as_json(records),))
 
     def close(self) -> None:
         if self._writes is not None:

@@ -92,8 +92,7 @@ class EchoBackend:
                 f"{request.max_tokens}) but the context holds only {self.settings.n_ctx}; raise --n-ctx or lower "
                 "--max-tokens", prompt_tokens=prompt_tokens)
         text = shortest_match(request.grammar) if request.grammar else echo_text(request.prompt)
-        text, reason = cut(text, request.stop, request.max_tokens, self.tokenizer.count_text_tokens)
-        completion_tokens = self.tokenizer.count_text_tokens(text) if text else 0
+        text, reason, completion_tokens = cut(text, request.stop, request.max_tokens, self.tokenizer.count_text_tokens)
         self.stats["prompt_tokens"] += prompt_tokens
         self.stats["generated_tokens"] += completion_tokens
         if self.on_step:
@@ -108,18 +107,18 @@ class EchoBackend:
 def echo_text(prompt: str) -> str:
     """`<8 hex digits of the prompt's SHA-256> <first words of its longest line>`."""
     digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
-    longest = max([line.strip() for line in _SPECIAL.sub(" ", prompt).splitlines()], key=len, default="")
-    return " ".join([digest, *longest.split()[:REPLY_WORDS]])
+    longest = max(map(str.strip, _SPECIAL.sub(" ", prompt).splitlines()), key=len, default="")
+    return " ".join([digest, *longest.split(maxsplit=REPLY_WORDS)[:REPLY_WORDS]])
 
 
-def cut(text: str, stop: list[str], max_tokens: int, count) -> tuple[str, str]:
+def cut(text: str, stop: list[str], max_tokens: int, count) -> tuple[str, str, int]:
     """The reply a real engine would give: cut before the first stop string, then at
-    `max_tokens` tokens (the longest prefix that fits). Returns (text, finish reason)."""
+    `max_tokens` tokens (the longest prefix that fits). Returns (text, finish reason, its tokens)."""
     found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     if found:
         text = text[:min(found)]
-    if count(text) <= max_tokens:
-        return text, "stop"
+    if (n := count(text) if text else 0) <= max_tokens:
+        return text, "stop", n
     fits, too_long = 0, len(text)  # count(text[:fits]) <= max_tokens < count(text[:too_long])
     while too_long - fits > 1:
         middle = (fits + too_long) // 2
@@ -127,7 +126,7 @@ def cut(text: str, stop: list[str], max_tokens: int, count) -> tuple[str, str]:
             fits = middle
         else:
             too_long = middle
-    return text[:fits], "length"
+    return text[:fits], "length", count(text[:fits]) if fits else 0
 
 
 # -- the shortest text a GBNF grammar accepts -------------------------------------------------

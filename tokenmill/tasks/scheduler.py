@@ -57,6 +57,11 @@ class Scheduler:
         # about those alone (`added`), not about every row.
         self.added = KeyFilter() if index.empty() else None
         self._cache_started_empty = cache is not None and self.added is not None and cache.empty()
+        c, task = planner.config, planner.task
+        # what every request of the job asks (a batch row's own options override it)
+        self._request = {"max_tokens": c.max_tokens, "temperature": c.temperature, "seed": c.seed,
+                         "stop": list(task.stop), "logprobs": task.confidence}
+        self._schema = task.json_schema
 
     def _rows(self) -> Iterator[tuple[dict, Any, str | None]]:
         """Planned rows, with what the output folder and the cache hold of each chunk's keys
@@ -126,16 +131,14 @@ class Scheduler:
             self.added.add(key)
 
     def _submit(self, key: str, new_calls: list[Call]) -> None:
-        c, task = self.planner.config, self.planner.task
+        defaults = self._request
         for slot, call in enumerate(new_calls):
             index = next(self._ids)
             self.calls[index] = (key, slot)
-            self.worker.submit(GenerationRequest(**{
-                "index": index, "prompt": str(call.prompt), "messages": getattr(call.prompt, "messages", None),
-                "max_tokens": c.max_tokens, "temperature": c.temperature,
-                "seed": c.seed, "stop": list(task.stop), "grammar": call.grammar,
-                "repeat_penalty": call.repeat_penalty, "logprobs": task.confidence,
-                "json_schema": task.json_schema if call.grammar else None, **call.options}))
+            self.worker.submit(GenerationRequest(
+                index=index, prompt=str(call.prompt), messages=getattr(call.prompt, "messages", None),
+                grammar=call.grammar, repeat_penalty=call.repeat_penalty,
+                **{**defaults, "json_schema": self._schema if call.grammar else None, **call.options}))
 
     def _complete(self, completion) -> None:
         key, slot = self.calls.pop(completion.index)
