@@ -240,3 +240,34 @@ def test_an_index_of_the_older_form_is_replaced_and_read_again_from_the_files(tm
     with sqlite3.connect(path) as db:
         (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'records'").fetchone()
         assert "WITHOUT ROWID" not in sql and db.execute("SELECT count(*) FROM records").fetchone() == (270,)  # 30 repeats
+
+
+def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_replaces_a_result(tmp_path):
+    """add_part writes many records per SQLite statement (json_each): every record comes back as
+    it went in (long and non-ASCII texts, floats, nulls), and within one part as across parts a
+    later error record does not replace a reusable result."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenmill.io.index import FolderIndex, pieces, rows
+
+    (tmp_path / PARTS_DIR).mkdir()
+    part = tmp_path / PARTS_DIR / "p1.parquet"
+    pq.write_table(pa.table({"x": [1]}), part)
+
+    def record(i, reason="stop", text=None):
+        return {"row_key": f"{i:064x}", "raw_output": text if text is not None else f"résumé ✓ {i} \"q\" \\ \x01",
+                "finish_reason": reason, "error": None if reason != "error" else "boom", "prompt_tokens": i,
+                "latency_ms": i / 3, "confidence": None, "run_id": "r1", "produced": "generated"}
+
+    records = [record(i) for i in range(12_001)] + [record(5, "error"), record(7, "length", "x" * 100_000)]
+    assert len(list(pieces(rows(records)))) == 3  # more than one statement
+    index = FolderIndex(tmp_path)
+    index.add_part(part, rows(records))
+    got = index.get_many([f"{i:064x}" for i in (0, 5, 7, 12_000)])
+    assert got[f"{0:064x}"]["raw_output"] == "résumé ✓ 0 \"q\" \\ \x01" and got[f"{0:064x}"]["latency_ms"] == 0.0
+    assert got[f"{5:064x}"]["finish_reason"] == "stop"  # the later error did not replace it
+    assert got[f"{7:064x}"]["raw_output"] == "x" * 100_000 and got[f"{7:064x}"]["finish_reason"] == "length"
+    assert got[f"{12_000:064x}"]["latency_ms"] == 12_000 / 3 and got[f"{12_000:064x}"]["prompt_tokens"] == 12_000
+    assert len(index) == 12_001
+    index.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenmill.contract import LOCK_FILE, load_record
 from tokenmill.errors import InputError
-from tokenmill.io.index import WAL_PAGES, as_json, select_many
+from tokenmill.io.index import WAL_PAGES, pieces, select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
@@ -55,8 +55,9 @@ class ResultCache:
             self._writes.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         with self._writes:
             self._writes.execute("BEGIN")
-            self._writes.execute("INSERT OR REPLACE INTO results (row_key, record) SELECT json_extract(value, '$[0]'), "
-                                 "json_extract(value, '$[1]') FROM json_each(?)", (as_json(records),))
+            for piece in pieces(records):
+                self._writes.execute("INSERT OR REPLACE INTO results (row_key, record) SELECT json_extract(value, '$[0]'), "
+                                     "json_extract(value, '$[1]') FROM json_each(?)", piece)
 
     def close(self) -> None:
         if self._writes is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import orjson
 import pyarrow.parquet as pq
@@ -122,7 +122,8 @@ class FolderIndex:
                                 keys))
 
     def put_many(self, records: Iterable[dict]) -> None:
-        self._db.execute(_UPSERT, (as_json(rows(records)),))
+        for piece in pieces(rows(records)):
+            self._db.execute(_UPSERT, piece)
 
     def put(self, record: dict) -> None:
         self.put_many([record])
@@ -145,7 +146,8 @@ class FolderIndex:
         db = self._writes
         db.execute("BEGIN")
         try:
-            db.execute(_UPSERT, (as_json(records),))
+            for piece in pieces(records):
+                db.execute(_UPSERT, piece)
             db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (self._name(part), stat.st_size, stat.st_mtime_ns))
         except BaseException:
             db.execute("ROLLBACK")
@@ -204,6 +206,13 @@ def as_json(items: list) -> str:
     ran about 6x slower than alone; this way, 1.5x. (Text, not bytes: newer SQLite reads a blob
     as its binary JSONB.)"""
     return orjson.dumps(items, default=str).decode()
+
+
+def pieces(items: list, size: int = 5_000) -> Iterator[tuple[str]]:
+    """`items` as the parameters of a few `json_each(?)` statements, `size` items each (a piece's
+    text stays a few MB even when the items are long texts)."""
+    for start in range(0, len(items), size):
+        yield (as_json(items[start:start + size]),)
 
 
 def select_many(db: sqlite3.Connection, query: str, keys: list[str]):
