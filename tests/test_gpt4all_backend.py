@@ -185,7 +185,7 @@ def test_cli_extract_with_gpt4all_validates_and_retries_without_grammar(run_flow
     spec.write_text(json.dumps(NAME_ONLY))
     out = tmp_path / "out"
     result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(spec), "--limit", "3",
-                      "--backend", "gpt4all", "--max-retries", "1", "--max-tokens", "120", "--out", str(out),
+                      "--backend", "gpt4all", "--max-retries", "1", "--max-tokens", "64", "--out", str(out),
                       "--no-cache")
     assert result.returncode in (0, 3), result.stderr
     df = pl.read_parquet(out / "results.parquet")
