@@ -117,20 +117,26 @@ ROWS = 10  # the issue's 10 SciTLDR abstracts, short replies: GPT4All and the se
 
 
 def _summarize(run_flow, data, out, *extra, timeout: float = 600, stderr: list | None = None):
+    """The options of conftest's summarized_scitldr10 (the reference), and a model of another store."""
     result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "24", "--no-cache",
                       "--limit", str(ROWS), *extra, timeout=timeout)
-    assert result.returncode == 0, result.stderr
     if stderr is not None:
         stderr.append(result.stderr)
+    return _all_ok(result, out)
+
+
+def _all_ok(result, out):
+    assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
     assert df.height == ROWS and df["status"].to_list() == ["ok"] * ROWS, df["error"].to_list()
     return df
 
 
 @pytest.fixture(scope="module")
-def direct(run_flow, scitldr_parquet, tmp_path_factory):
-    """The rows through llama.cpp in-process on the default model, as the reference."""
-    return _summarize(run_flow, scitldr_parquet, tmp_path_factory.mktemp("direct") / "out")
+def direct(summarized_scitldr10):
+    """The rows through llama.cpp in-process on the default model, as the reference (the session's
+    run of them, shared with test_summarize: the same options as _summarize)."""
+    return _all_ok(*summarized_scitldr10)
 
 
 def _same_shape(df, direct) -> None:

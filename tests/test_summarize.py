@@ -14,10 +14,9 @@ from tokenmill.models.resolve import default_model_path
 
 
 @pytest.fixture(scope="module")
-def summarized(run_flow, scitldr_parquet, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sum") / "out"
-    result = run_flow("summarize", str(scitldr_parquet), "--out", str(out), "--max-tokens", "48")
-    return result, out
+def summarized(summarized_scitldr10):
+    """10 SciTLDR abstracts, generated (the run is shared with test_model_stores, see conftest)."""
+    return summarized_scitldr10
 
 
 def _reference_prompt(text: str) -> str:

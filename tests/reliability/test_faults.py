@@ -156,11 +156,11 @@ def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, short_datas
     assert last["rows_resumed"] >= mid[-1] and last["rows_generated"] == ROWS - last["rows_resumed"]
 
 
-def test_a_second_run_on_the_same_folder_is_refused(prefect_server, dataset, tmp_path):
+def test_a_second_run_on_the_same_folder_is_refused(prefect_server, short_dataset, tmp_path):
     out = tmp_path / "out"
-    first = _start(prefect_server, str(dataset), "--out", str(out), *FAST)
+    first = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     _wait_for(lambda: (out / ".tokenmill.lock").exists(), first)
-    second = _finish(prefect_server, str(dataset), "--out", str(out), *FAST)
+    second = _finish(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
     assert second.returncode == 1
     line = second.stderr.strip().splitlines()[-1]
     assert "in use by another run" in line and str(first.pid) in line

@@ -13,6 +13,7 @@ from tests.conftest import scitldr_rows
 from tests.reliability.test_faults import _children, _parts, _start, _wait_for
 
 ROWS = 12
+WORDS = 40  # abstracts cut short (as in test_faults): the test needs rows in flight, not long prompts
 
 
 def _workers(cli_pid: int) -> list[int]:
@@ -29,7 +30,7 @@ def _workers(cli_pid: int) -> list[int]:
 
 def test_one_of_two_workers_killed_mid_run_every_row_exactly_once(prefect_server, tmp_path):
     data = tmp_path / "in.parquet"
-    pl.DataFrame(scitldr_rows(ROWS)).write_parquet(data)
+    pl.DataFrame([{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(ROWS)]).write_parquet(data)
     out = tmp_path / "out"
     proc = _start(prefect_server, str(data), "--out", str(out), "--workers", "2", "--n-seq", "2", "--threads", "1",
                   "--max-tokens", "16", "--n-ctx", "1024", "--part-rows", "1", "--no-cache", "--no-progress")
