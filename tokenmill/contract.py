@@ -54,11 +54,6 @@ def record_values(record: dict) -> list:
     return [_RECORD_FORMAT, *map(record.get, _RECORD_FIELDS)]
 
 
-def dump_record(record: dict) -> bytes:
-    """`record_values` as JSON text."""
-    return orjson.dumps(record_values(record), default=str)
-
-
 def load_record(data: bytes | str, key: str) -> dict:
     """The stored record of row key `key` (either form)."""
     value = orjson.loads(data)

@@ -46,7 +46,8 @@ class ResultCache:
         return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
     def write(self, records: list[tuple[str, list]]) -> None:
-        """Store (row key, `contract.record_values` of a reusable record) pairs, in one statement.
+        """Store (row key, `contract.record_values` of a reusable record) pairs, in one transaction
+        (a few statements: io/index.py `pieces`).
         Callable from one other thread (tokenmill.io.background), on a connection of its own."""
         if not records:
             return
