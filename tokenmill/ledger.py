@@ -46,7 +46,7 @@ class ResultCache:
         return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
 
     def write(self, records: list[tuple[str, list]]) -> None:
-        """Store (row key, `contract.record_values` of a reusable record) pairs, in one transaction
+        """Store (row key, stored record) pairs of reusable records (`contract.stored_rows`), in one transaction
         (a few statements: io/index.py `pieces`).
         Callable from one other thread (tokenmill.io.background), on a connection of its own."""
         if not records:

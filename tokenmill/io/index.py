@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from itertools import compress
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import orjson
 import pyarrow.parquet as pq
 
-from tokenmill.contract import (INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, STORED_FIELDS, load_record,
-                                record_values)
+from tokenmill.contract import (INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, STORED_FIELDS, columns_of,
+                                load_record, record_index, stored_rows)
 
 # Records go into a rowid table (appended in order) with a separate index of keys: with keys
 # that are random hashes, inserting them into a WITHOUT ROWID table's B-tree along with their
@@ -33,11 +35,13 @@ CREATE TABLE IF NOT EXISTS records (key TEXT NOT NULL UNIQUE, ok INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Many records in one statement (`as_json`). A record replaces a stored one unless it would turn a
-# reusable result into an error.
+# Many records in one statement (`as_json` of `contract.stored_rows`: [key, record] pairs). A
+# record replaces a stored one unless it would turn a reusable result into an error.
 _UPSERT = ("INSERT INTO records (key, ok, run_id, record) "
-           "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), "
-           "json_extract(value, '$[3]') FROM json_each(?) WHERE true ON CONFLICT(key) DO UPDATE SET "
+           f"SELECT json_extract(value, '$[0]'), "
+           f"coalesce(json_extract(value, '$[1][{record_index('finish_reason')}]') IN {tuple(REUSABLE)!r}, 0), "
+           f"json_extract(value, '$[1][{record_index('run_id')}]'), json_extract(value, '$[1]') "
+           "FROM json_each(?) WHERE true ON CONFLICT(key) DO UPDATE SET "
            "ok = excluded.ok, run_id = excluded.run_id, record = excluded.record WHERE excluded.ok >= records.ok")
 WAL_PAGES = 10_000  # checkpoint the write-ahead log at about 40 MB, not SQLite's 4 MB: fewer syncs and page rewrites
 
@@ -109,7 +113,8 @@ class FolderIndex:
         if "row_key" not in columns or "finish_reason" not in columns:
             return
         for batch in file.iter_batches(batch_size=20_000, columns=columns):
-            self.put_many(r for r in batch.to_pylist() if r["row_key"] is not None)
+            values = batch.to_pydict()
+            self._put(row for row in stored_rows(values) if row[0] is not None)
 
     # -- records ---------------------------------------------------------------------------
     def get(self, key: str) -> dict | None:
@@ -122,7 +127,10 @@ class FolderIndex:
                                 keys))
 
     def put_many(self, records: Iterable[dict]) -> None:
-        for piece in pieces(rows(records)):
+        self._put(rows(records))
+
+    def _put(self, stored: Iterable[tuple[str, tuple]]) -> None:
+        for piece in pieces(list(stored)):
             self._db.execute(_UPSERT, piece)
 
     def put(self, record: dict) -> None:
@@ -135,8 +143,8 @@ class FolderIndex:
         return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
 
     # -- the run's transaction -------------------------------------------------------------
-    def add_part(self, part: Path, records: list[list]) -> None:
-        """A part is on disk: add its new records (`rows(...)`) and the part itself, in one
+    def add_part(self, part: Path, records: list[tuple[str, tuple]]) -> None:
+        """A part is on disk: add its new records (`contract.stored_rows`) and the part itself, in one
         transaction. Callable from one other thread (tokenmill.io.background), on a connection
         of its own, while this thread reads."""
         stat = part.stat()
@@ -194,9 +202,10 @@ def _tune(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
 
 
-def rows(records: Iterable[dict]) -> list[list]:
-    """Index rows of records: [key, reusable, run_id, stored record (`contract.record_values`)]."""
-    return [[r["row_key"], r.get("finish_reason") in REUSABLE, r.get("run_id"), record_values(r)] for r in records]
+def rows(records: Iterable[dict]) -> list[tuple[str, tuple]]:
+    """Index rows (`contract.stored_rows`) of records given as dicts."""
+    records = list(records)
+    return list(stored_rows(columns_of(records, STORED_FIELDS)))
 
 
 def as_json(items: list) -> str:
@@ -222,22 +231,31 @@ def select_many(db: sqlite3.Connection, query: str, keys: list[str]):
 
 
 class KeyFilter:
-    """A Bloom filter of row keys (hex SHA-256, so already uniform): `key in filter` is False
-    for every key never added, and True for one added (or, for about 1% of other keys once
-    10 million are in, by chance). 16 MiB, whatever the number of keys. A run that starts
-    with an empty index or cache asks them only about the keys it has added itself."""
+    """A Bloom filter of row keys: `select(keys)` keeps every key added before, and drops every
+    other key but about 1% of them once 10 million are in (by chance). 16 MiB, whatever the number of
+    keys. A run that starts with an empty index or cache asks them only about the keys it has
+    added itself. Keys go in and are asked about a chunk at a time, in numpy; positions come
+    from Python's own string hash, so the filter is for one process's run, never stored."""
 
     def __init__(self, bits_log2: int = 27):
-        self._bits = bytearray(1 << (bits_log2 - 3))
-        self._mask = (1 << bits_log2) - 1
+        self._bits = np.zeros(1 << (bits_log2 - 3), dtype=np.uint8)
+        self._mask = np.uint64((1 << bits_log2) - 1)
 
-    # (add and __contains__ are written out: they run twice for every row of a run)
-    def add(self, key: str) -> None:
-        bits, m, h = self._bits, self._mask, int(key[:24], 16)
-        for p in (h & m, (h >> 32) & m, (h >> 64) & m):
-            bits[p >> 3] |= 1 << (p & 7)
+    def _positions(self, keys: list[str]) -> tuple[np.ndarray, ...]:
+        h = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)).view(np.uint64)
+        m, mixed = self._mask, h * np.uint64(0x9E3779B97F4A7C15)
+        return h & m, (h >> np.uint64(32)) & m, (mixed >> np.uint64(37)) & m
 
-    def __contains__(self, key: str) -> bool:
-        bits, m, h = self._bits, self._mask, int(key[:24], 16)
-        p, q, r = h & m, (h >> 32) & m, (h >> 64) & m
-        return bool(bits[p >> 3] >> (p & 7) & bits[q >> 3] >> (q & 7) & bits[r >> 3] >> (r & 7) & 1)
+    def add_many(self, keys: list[str]) -> None:
+        if keys:
+            for p in self._positions(keys):
+                np.bitwise_or.at(self._bits, p >> np.uint64(3), np.left_shift(1, p & np.uint64(7)).astype(np.uint8))
+
+    def select(self, keys: list[str]) -> list[str]:
+        """Those of `keys` that may have been added."""
+        if not keys:
+            return []
+        bits, hit = self._bits, np.ones(len(keys), dtype=np.uint8)
+        for p in self._positions(keys):
+            hit &= bits[p >> np.uint64(3)] >> (p & np.uint64(7)).astype(np.uint8)
+        return list(compress(keys, (hit & 1).tolist()))

@@ -7,6 +7,7 @@ Nothing here runs a model: `tokenmill.tasks.runner.Job` adds the worker, the sch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -305,7 +306,12 @@ class Planner:
     def _finish(self, record: dict, info: dict, produced: str | None = None) -> dict:
         return finish(record, info, self.task.output_column, self._parse, produced)
 
-    def _frame(self, rows: list[dict]) -> pl.DataFrame:
+    @functools.cached_property
+    def results_schema(self) -> dict:
         id_dtype = self.table.schema[self.config.id_column] if self.config.id_column else pl.Int64
-        schema = results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
-        return pl.DataFrame({k: [r.get(k) for r in rows] for k in schema}, schema=schema)
+        return results_schema(self.task.output_column, self.task.output_dtype, id_dtype, self.task.confidence)
+
+    def _frame(self, columns: dict) -> pl.DataFrame:
+        """results.parquet's columns (`contract.columns_of` of finished rows) as a frame."""
+        schema = self.results_schema
+        return pl.DataFrame({k: columns[k] for k in schema}, schema=schema)

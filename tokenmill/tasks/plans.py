@@ -47,27 +47,36 @@ class _Usage:
 
 class SingleCall:
     """The common case: one prompt, one completion. `feed(slot, completion)`: `slot` says
-    which of the calls last asked for (by `start` or an earlier `feed`) the completion is."""
+    which of the calls last asked for (by `start` or an earlier `feed`) the completion is.
+    (No usage list: a run makes one of these for every row.)"""
 
     chunks = 1
+    calls = 0
 
     def __init__(self, prompt: str, grammar: str | None = None, options: dict | None = None):
-        self._call = Call(prompt, grammar, options=options or {})
-        self.usage = _Usage()
+        self._call = Call(prompt, grammar, 1.0, options or {})
 
     def start(self) -> list[Call]:
         return [self._call]
 
     def feed(self, slot: int, completion: Completion) -> Next:
-        self.usage.calls.append(completion)
+        self.calls = 1
         return completion
+
+
+class _Tries(SingleCall):
+    """A single call that may be tried again: counts every call's usage."""
+
+    def __init__(self, prompt: str, grammar: str | None = None):
+        super().__init__(prompt, grammar)
+        self.usage = _Usage()
 
     @property
     def calls(self) -> int:
         return len(self.usage.calls)
 
 
-class Repair(SingleCall):
+class Repair(_Tries):
     """Generate, validate, and on failure ask again with the validator's message in the
     conversation, up to `attempts` calls in all; the last output stands (an invalid one
     becomes an error row that keeps its raw text)."""
@@ -92,7 +101,7 @@ class Repair(SingleCall):
 RETRY_REPEAT_PENALTY = 1.3  # the second try of a grammar row that ran out of tokens
 
 
-class RetryAtLimit(SingleCall):
+class RetryAtLimit(_Tries):
     """A grammar row that hit --max-tokens with unfinished JSON gets one more try with repetition
     penalised; only then is it an error, keeping the raw text of that last try."""
 

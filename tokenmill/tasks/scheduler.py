@@ -56,20 +56,24 @@ class Scheduler:
         # Started empty, the index (and the cache) can hold only keys this run added: ask them
         # about those alone (`added`), not about every row.
         self.added = KeyFilter() if index.empty() else None
+        self._added_since: list[str] = []  # keys this run added since the last chunk's lookup (into `added` then)
         self._cache_started_empty = cache is not None and self.added is not None and cache.empty()
         c, task = planner.config, planner.task
         # what every request of the job asks (a batch row's own options override it)
         self._request = {"max_tokens": c.max_tokens, "temperature": c.temperature, "seed": c.seed,
                          "stop": list(task.stop), "logprobs": task.confidence}
         self._schema = task.json_schema
+        self._free = {**self._request, "grammar": None, "repeat_penalty": 1.0, "json_schema": None}
 
     def _rows(self) -> Iterator[tuple[dict, Any, str | None]]:
         """Planned rows, with what the output folder and the cache hold of each chunk's keys
         looked up at once (see _known)."""
         for chunk in self.planner.planned_chunks():
             keys = [info["row_key"] for info, _plan, error in chunk if error is None]
-            added = self.added
-            ours = keys if added is None else [k for k in keys if k in added]
+            added, since, self._added_since = self.added, self._added_since, []
+            if added is not None:
+                added.add_many(since)
+            ours = keys if added is None else added.select(keys)
             self.sink.before_lookup()
             self._folder = self.index.get_many(ours) if ours else {}
             missing = [k for k in (ours if self._cache_started_empty else keys) if k not in self._folder]
@@ -127,18 +131,21 @@ class Scheduler:
         self._submit(key, plan.start())
 
     def _add(self, key: str) -> None:
-        if self.added is not None:
-            self.added.add(key)
+        self._added_since.append(key)
 
     def _submit(self, key: str, new_calls: list[Call]) -> None:
-        defaults = self._request
         for slot, call in enumerate(new_calls):
             index = next(self._ids)
             self.calls[index] = (key, slot)
-            self.worker.submit(GenerationRequest(
-                index=index, prompt=str(call.prompt), messages=getattr(call.prompt, "messages", None),
-                grammar=call.grammar, repeat_penalty=call.repeat_penalty,
-                **{**defaults, "json_schema": self._schema if call.grammar else None, **call.options}))
+            prompt, messages = str(call.prompt), getattr(call.prompt, "messages", None)
+            if call.grammar is None and not call.options and call.repeat_penalty == 1.0:  # most rows
+                request = GenerationRequest(index, prompt, messages=messages, **self._free)
+            else:
+                request = GenerationRequest(index=index, prompt=prompt, messages=messages, grammar=call.grammar,
+                                            repeat_penalty=call.repeat_penalty,
+                                            **{**self._request, "json_schema": self._schema if call.grammar else None,
+                                               **call.options})
+            self.worker.submit(request)
 
     def _complete(self, completion) -> None:
         key, slot = self.calls.pop(completion.index)
