@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jinja2
 import jinja2.meta
@@ -115,6 +115,24 @@ class SlotRenderer:
         parts = _SLOT_RE.split(skeleton)
         return cls(parts[0::2], [names[int(i)] for i in parts[1::2]], template.name)
 
+    @property
+    def names(self) -> list[str]:
+        """The per-row variables, in the order their values go between the pieces."""
+        return list(self._slots)
+
+    def render_columns(self, columns: list[Sequence], rows: int) -> list[str | None]:
+        """`render` of `rows` rows at once: `columns` holds each of `names`' values, row by row.
+        A row whose text would be over the output limit is None (`render` of it raises)."""
+        pieces = self._pieces
+        if not columns:
+            return [pieces[0]] * rows
+        if len(columns) == 1:
+            first, last = pieces
+            texts = [first + str(v) + last for v in columns[0]]
+        else:
+            texts = ["".join(_interleave(pieces, values)) for values in zip(*columns)]
+        return [t if len(t) <= MAX_OUTPUT_CHARS else None for t in texts]
+
     def render(self, variables: Mapping[str, Any]) -> str:
         pieces = self._pieces
         out = [pieces[0]]
@@ -126,6 +144,13 @@ class SlotRenderer:
             raise TemplateSecurityError(f"template {self.name} tried an unsafe operation and was stopped: its "
                                         f"output is over the limit of {MAX_OUTPUT_CHARS:,} characters")
         return text
+
+
+def _interleave(pieces: list[str], values: tuple) -> Iterator[str]:
+    yield pieces[0]
+    for value, piece in zip(values, pieces[1:]):
+        yield str(value)
+        yield piece
 
 
 def _family(family: str | None) -> str:
@@ -241,6 +266,12 @@ class ChatTemplate:
     def wrap(self, user_prompt: str) -> str:
         """The task prompt as a one-turn conversation, ready for the assistant's reply."""
         return self.render([{"role": "user", "content": user_prompt}])
+
+    def frame(self) -> tuple[str, str] | None:
+        """(head, tail) when one user message renders as head + content + tail, else None."""
+        if self._frame is None:
+            self._frame = self._find_frame()
+        return self._frame or None
 
     def one_turn(self, content: str) -> str:
         """`render` of one user message, the same text faster: a template that writes the

@@ -93,30 +93,36 @@ class EchoBackend:
                 "--max-tokens", prompt_tokens=prompt_tokens)
         text = shortest_match(request.grammar) if request.grammar else echo_text(request.prompt)
         text, reason, completion_tokens = cut(text, request.stop, request.max_tokens, self.tokenizer.count_text_tokens)
-        self.stats["prompt_tokens"] += prompt_tokens
-        self.stats["generated_tokens"] += completion_tokens
+        stats = self.stats
+        stats["prompt_tokens"] += prompt_tokens
+        stats["generated_tokens"] += completion_tokens
         if self.on_step:
             self.on_step()
-        return Completion(request.index, text, reason, prompt_tokens=prompt_tokens,
-                          completion_tokens=completion_tokens, decode_ms=(time.perf_counter() - started) * 1000)
+        # (positional: Completion's fields in order; a run makes one for every row)
+        return Completion(request.index, text, reason, None, prompt_tokens, 0, completion_tokens, 0.0, 0.0,
+                          (time.perf_counter() - started) * 1000)
 
     def close(self) -> None:
         pass
 
 
 def echo_text(prompt: str) -> str:
-    """`<8 hex digits of the prompt's SHA-256> <first words of its longest line>`."""
+    """`<8 hex digits of the prompt's SHA-256> <first words of its longest line>` (chat-template
+    tokens such as `<|im_end|>` are not words)."""
     digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
-    longest = max(map(str.strip, _SPECIAL.sub(" ", prompt).splitlines()), key=len, default="")
-    return " ".join([digest, *longest.split(maxsplit=REPLY_WORDS)[:REPLY_WORDS]])
+    longest = max(prompt.splitlines(), key=len, default="")
+    return " ".join([digest, *_SPECIAL.sub(" ", longest).split(maxsplit=REPLY_WORDS)[:REPLY_WORDS]])
 
 
 def cut(text: str, stop: list[str], max_tokens: int, count) -> tuple[str, str, int]:
     """The reply a real engine would give: cut before the first stop string, then at
     `max_tokens` tokens (the longest prefix that fits). Returns (text, finish reason, its tokens)."""
-    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    if found:
-        text = text[:min(found)]
+    end = len(text)
+    for s in stop:
+        if s and 0 <= (i := text.find(s)) < end:
+            end = i
+    if end < len(text):
+        text = text[:end]
     if (n := count(text) if text else 0) <= max_tokens:
         return text, "stop", n
     fits, too_long = 0, len(text)  # count(text[:fits]) <= max_tokens < count(text[:too_long])

@@ -230,28 +230,77 @@ class Planner:
                    c.n_ctx, c.strip, c.retry_errors, self.family]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
+    def _render_chunk(self, chunk: pl.DataFrame) -> list[str | None] | None:
+        """`render` of every row of a read chunk, column by column (None for a row `render` must
+        do itself), when the task template has a SlotRenderer and the chat template writes one
+        message between a fixed head and tail; else None."""
+        fast, frame = self._slots, self.chat.frame()
+        if not fast or not frame or self.send_messages:
+            return None
+        columns = []
+        for name in fast.names:
+            column = self.table.column if name == "text" else name
+            if name in ("row", ROW) or column not in chunk.columns:
+                return None
+            columns.append(chunk.get_column(column).to_list())
+        head, tail = frame
+        bos = self.model_info.bos_token
+        if bos and self.model_info.adds_bos:  # as _chat: the tokenizer adds BOS itself
+            if len(head) < len(bos):
+                return None  # whether the prompt starts with BOS depends on the row
+            if head.startswith(bos):
+                head = head[len(bos):]
+        return [None if text is None else head + text.strip() + tail
+                for text in fast.render_columns(columns, chunk.height)]
+
     def planned_chunks(self) -> Iterator[list[tuple[dict, Any, str | None]]]:
         """(row info, plan of model calls, error) for every input row, one read chunk at a time."""
         c = self.config
         for chunk in self.table.chunks(c.chunk_size):
             planned = []
-            for row in chunk.iter_rows(named=True):
-                index = row[ROW]
-                info = {"row": index, "id": row[c.id_column] if c.id_column else index, "row_key": None}
+            prompts = self._render_chunk(chunk)
+            positions = chunk.get_column(ROW).to_list()
+            ids = chunk.get_column(c.id_column).to_list() if c.id_column else positions
+            texts = chunk.get_column(self.table.column).to_list()
+            for i, (index, id_, text) in enumerate(zip(positions, ids, texts)):
+                info = {"row": index, "id": id_, "row_key": None}
+                prompt = prompts[i] if prompts is not None else None
+                if prompt is not None and (quick := self._plan_quick(text, prompt)) is not None:
+                    info["row_key"], plan = quick
+                    planned.append((info, plan, None))
+                    continue
                 try:
-                    info["row_key"], plan = self._plan(row)
+                    info["row_key"], plan = self._plan(chunk.row(i, named=True), prompt)
                 except (TemplateError, DoesNotFit) as exc:
                     planned.append((info, None, str(exc)))
                     continue
                 planned.append((info, plan, None))
             yield planned
 
+    def _plan_quick(self, text: Any, prompt: str) -> tuple[str, Any] | None:
+        """`_plan` of a row whose text is short and whose rendered prompt fits uncounted (most
+        rows), without building the row's dict; None for any other row (`_plan` decides it)."""
+        if (type(text) is not str or self.repair_template is not None or len(text) > SAMPLE_CHARS
+                or len(prompt.encode("utf-8")) + 2 > self.config.n_ctx - self.config.max_tokens or not text.strip()):
+            return None
+        return self._keys(prompt), self._single(prompt, None)
+
+    def _single(self, prompt: str, row: dict | None) -> Any:
+        """The plan of a row whose prompt fits: one call, retried as the job's options say."""
+        if self.repair_template is not None:
+            return Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
+                          attempts=self.config.max_retries + 1)
+        if self.use_grammar:
+            return RetryAtLimit(prompt, self.task.grammar, self._problem)
+        return SingleCall(prompt)
+
     def planned_rows(self) -> Iterator[tuple[dict, Any, str | None]]:
         for chunk in self.planned_chunks():
             yield from chunk
 
-    def _plan(self, row: dict) -> tuple[str, Any]:
-        """The row's key and the model calls it takes: one, parts and combining steps, or tries."""
+    def _plan(self, row: dict, prompt: str | None = None) -> tuple[str, Any]:
+        """The row's key and the model calls it takes: one, parts and combining steps, or tries.
+        `prompt`: the row's `render`, when done already (`_render_chunk`)."""
         c, column = self.config, self.table.column
         text = row.get(column)
         if text is None or (isinstance(text, str) and not text.strip()):
@@ -267,18 +316,13 @@ class Planner:
         limit = c.n_ctx - c.max_tokens
         if splitting and len(str(text)) > SAMPLE_CHARS:  # judge a huge text before rendering all of it
             refuse_oversized(str(text), self.model_info.count_text_tokens, limit, c.max_chunks, c.n_ctx)
-        prompt = self.render(row)
+        if prompt is None:
+            prompt = self.render(row)
         count = self.model_info.count_tokens
         # A token holds at least one byte of text: a prompt of few enough bytes fits uncounted
         # (BOS and EOS may come on top).
         if len(prompt.encode("utf-8")) + 2 <= limit or (n := count(prompt)) <= limit:
-            key = self._keys(prompt)
-            if self.repair_template is not None:
-                return key, Repair(prompt, self._problem, lambda reply, problem: self.render_repair(row, reply, problem),
-                                   attempts=c.max_retries + 1)
-            if self.use_grammar:
-                return key, RetryAtLimit(prompt, self.task.grammar, self._problem)
-            return key, SingleCall(prompt)
+            return self._keys(prompt), self._single(prompt, row)
         if not splitting:
             raise DoesNotFit(f"the prompt of this row has {n:,} tokens, more than the {limit:,} that --n-ctx {c.n_ctx} "
                              f"leaves after --max-tokens {c.max_tokens}; raise --n-ctx or lower --max-tokens{hint}")

@@ -56,7 +56,8 @@ class Scheduler:
         # Started empty, the index (and the cache) can hold only keys this run added: ask them
         # about those alone (`added`), not about every row.
         self.added = KeyFilter() if index.empty() else None
-        self._added_since: list[str] = []  # keys this run added since the last chunk's lookup (into `added` then)
+        self._added_since: set[str] = set()  # keys this run added since the last chunk's lookup (into `added` then)
+        self._ours: set[str] | None = None  # this chunk's keys `added` may hold (None: any key may be known)
         self._cache_started_empty = cache is not None and self.added is not None and cache.empty()
         c, task = planner.config, planner.task
         # what every request of the job asks (a batch row's own options override it)
@@ -70,10 +71,11 @@ class Scheduler:
         looked up at once (see _known)."""
         for chunk in self.planner.planned_chunks():
             keys = [info["row_key"] for info, _plan, error in chunk if error is None]
-            added, since, self._added_since = self.added, self._added_since, []
+            added, since, self._added_since = self.added, self._added_since, set()
             if added is not None:
-                added.add_many(since)
+                added.add_many(list(since))
             ours = keys if added is None else added.select(keys)
+            self._ours = None if added is None else set(ours)
             self.sink.before_lookup()
             self._folder = self.index.get_many(ours) if ours else {}
             missing = [k for k in (ours if self._cache_started_empty else keys) if k not in self._folder]
@@ -82,7 +84,11 @@ class Scheduler:
 
     def _known(self, key: str) -> dict | None:
         """This folder's record of `key`: added by this run (still in the sink, or moved to the
-        index since this chunk's lookup), or found by the lookup."""
+        index since this chunk's lookup), or found by the lookup. A run that started with an
+        empty folder knows only keys it added: most keys need no look at all."""
+        ours = self._ours
+        if ours is not None and key not in ours and key not in self._added_since:
+            return None
         return self.sink.lookup(key) or self._folder.get(key)
 
     def run(self) -> None:
@@ -131,7 +137,7 @@ class Scheduler:
         self._submit(key, plan.start())
 
     def _add(self, key: str) -> None:
-        self._added_since.append(key)
+        self._added_since.add(key)
 
     def _submit(self, key: str, new_calls: list[Call]) -> None:
         for slot, call in enumerate(new_calls):
