@@ -200,7 +200,8 @@ def test_calibration_is_stored_and_used_unless_options_override(tmp_path, monkey
 
 def test_stored_records_are_compact_and_records_stored_as_objects_are_still_read(tmp_path):
     """The index and the cache keep records as arrays without their key (a third of the bytes);
-    a cache written before that (JSON objects) still serves its results."""
+    a cache written before that (JSON objects, in the older table keyed by the whole key) still
+    serves its results."""
     import sqlite3
 
     import orjson
@@ -213,14 +214,20 @@ def test_stored_records_are_compact_and_records_stored_as_objects_are_still_read
     run_echo("summarize", data, tmp_path / "a", cache_dir=str(cache))
     first = pl.read_parquet(tmp_path / "a" / RESULTS_FILE)
     with sqlite3.connect(cache / "results.sqlite") as db:
-        stored = db.execute("SELECT row_key, record FROM results").fetchall()
+        stored = db.execute("SELECT key, record FROM records").fetchall()
         assert len(stored) == 30 and all(orjson.loads(record)[0] == 1 for _key, record in stored)
         assert all(isinstance(record, str) and key not in record for key, record in stored)
-        db.execute("DELETE FROM results")  # rewrite them as objects, the older form
-        db.executemany("INSERT INTO results VALUES (?, ?)", [
-            (key, orjson.dumps(dict(zip(STORED_FIELDS, [key, *orjson.loads(record)[1:]])))) for key, record in stored])
+        # rewrite them as a cache of the older forms: table `results` keyed by the whole key,
+        # records as JSON objects (half of them as bytes, the oldest form)
+        db.execute("DELETE FROM records")
+        db.execute("CREATE TABLE results (row_key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        objects = [(key, orjson.dumps(dict(zip(STORED_FIELDS, [key, *orjson.loads(record)[1:]])))) for key, record in stored]
+        db.executemany("INSERT INTO results VALUES (?, ?)", [(k, r if i % 2 else r.decode()) for i, (k, r) in enumerate(objects)])
     stats = run_echo("summarize", data, tmp_path / "b", cache_dir=str(cache))
     assert stats.rows_cached == 30 and stats.rows_generated == 0
+    with sqlite3.connect(cache / "results.sqlite") as db:  # moved into the new table, once
+        assert db.execute("SELECT count(*) FROM records").fetchone() == (30,)
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'results'").fetchone() is None
     again = pl.read_parquet(tmp_path / "b" / RESULTS_FILE)
     assert again.select("row_key", "summary", "raw_output").equals(first.select("row_key", "summary", "raw_output"))
 
@@ -271,3 +278,26 @@ def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_re
     assert got[f"{12_000:064x}"]["latency_ms"] == 12_000 / 3 and got[f"{12_000:064x}"]["prompt_tokens"] == 12_000
     assert len(index) == 12_001
     index.close()
+
+
+def test_keys_whose_hashes_collide_are_never_confused(tmp_path):
+    """The index and the cache look keys up by 63 bits of them (io/index.py key_hash) and check the
+    whole key: a key whose bits match another's is not found in its place, and replacing it only
+    costs the other key a regeneration."""
+    from tokenmill.io.index import FolderIndex, key_hash, rows
+    from tokenmill.ledger import ResultCache
+
+    a, b = "a" * 48 + "0123456789abcdef", "b" * 48 + "0123456789abcdef"
+    assert key_hash(a) == key_hash(b) and key_hash("not hex") != key_hash("not hex either")
+    record = {"row_key": a, "raw_output": "for a", "finish_reason": "stop", "run_id": "r"}
+    (tmp_path / PARTS_DIR).mkdir()
+    index = FolderIndex(tmp_path)
+    index.put(record)
+    assert index.get(b) is None and index.get_many([a, b]).keys() == {a}
+    index.put({**record, "row_key": b, "raw_output": "for b"})
+    assert index.get(a) is None and index.get(b)["raw_output"] == "for b"
+    index.close()
+    cache = ResultCache(tmp_path / "cache")
+    cache.write(rows([record]))
+    assert cache.get(b) is None and cache.get(a)["raw_output"] == "for a"
+    cache.close()

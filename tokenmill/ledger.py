@@ -16,14 +16,15 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tokenmill.contract import LOCK_FILE, load_record
+from tokenmill.contract import LOCK_FILE
 from tokenmill.errors import InputError
-from tokenmill.io.index import WAL_PAGES, pieces, select_many
+from tokenmill.io.index import WAL_PAGES, WRITER_CACHE_KIB, hashed, pieces, select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
     """Generated outputs shared across runs and output folders, in one SQLite file. A run writes
-    them a results part at a time (`write`, from tasks/sink.py), visible to other runs at once."""
+    them a results part at a time (`write`, from tasks/sink.py), visible to other runs at once.
+    Keys are looked up by their hash, as in the folder index (tokenmill/io/index.py: `key_hash`)."""
 
     def __init__(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
@@ -31,39 +32,65 @@ class ResultCache:
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS results (row_key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS records (h INTEGER NOT NULL UNIQUE, key TEXT NOT NULL, "
+                         "record TEXT NOT NULL)")
+        self._migrate()
         self._writes: sqlite3.Connection | None = None  # write's, for a background thread
 
+    def _migrate(self) -> None:
+        """A cache of the older form (table `results`, keyed by the whole key) moves into
+        `records`, once, in one transaction."""
+        db = self._db
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'results'").fetchone() is None:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'results'").fetchone():
+                old = db.execute("SELECT row_key, record FROM results")
+                while batch := old.fetchmany(5_000):  # (records as JSON texts; the oldest were bytes)
+                    texts = [(key, r.decode() if isinstance(r, bytes) else r) for key, r in batch]
+                    for piece in pieces(hashed(texts)):
+                        db.execute(_INSERT, piece)
+                db.execute("DROP TABLE results")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def get(self, key: str) -> dict | None:
-        row = self._db.execute("SELECT record FROM results WHERE row_key = ?", (key,)).fetchone()
-        return load_record(row[0], key) if row else None
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         return dict(select_many(
-            self._db, "SELECT row_key, record FROM results WHERE row_key IN (SELECT value FROM json_each(?))", keys))
+            self._db, "SELECT key, record FROM records WHERE h IN (SELECT value FROM json_each(?))", keys))
 
     def empty(self) -> bool:
-        return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
+        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is None
 
-    def write(self, records: list[tuple[str, list]]) -> None:
-        """Store (row key, stored record) pairs of reusable records (`contract.stored_rows`), in one transaction
-        (a few statements: io/index.py `pieces`).
+    def write(self, records: list[tuple[str, tuple]]) -> None:
+        """Store (row key, stored record) pairs of reusable records (`contract.stored_rows`), in one
+        transaction (a few statements: io/index.py `pieces`).
         Callable from one other thread (tokenmill.io.background), on a connection of its own."""
         if not records:
             return
         if self._writes is None:
             self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._writes.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self._writes.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         with self._writes:
             self._writes.execute("BEGIN")
-            for piece in pieces(records):
-                self._writes.execute("INSERT OR REPLACE INTO results (row_key, record) SELECT json_extract(value, '$[0]'), "
-                                     "json_extract(value, '$[1]') FROM json_each(?)", piece)
+            for piece in pieces(hashed(records)):
+                self._writes.execute(_INSERT, piece)
 
     def close(self) -> None:
         if self._writes is not None:
             self._writes.close()
         self._db.close()
+
+
+# (key hash, key, record) triples, many per statement; a record replaces the one stored
+_INSERT = ("INSERT OR REPLACE INTO records (h, key, record) SELECT json_extract(value, '$[0]'), "
+           "json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)")
 
 
 def default_cache_dir() -> Path:
