@@ -76,7 +76,7 @@ def common_parser(prog: str, description: str, dataset: bool = True, input_metav
     p.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
                    help="an option of the chosen backend, checked before any row (repeatable); --backend http: "
                         + ", ".join(f"{name} ({f.description})" for name, f in registry.HTTPOptions.model_fields.items()))
-    p.add_argument("--chunk-size", type=int, default=256, help="rows read, rendered and looked up together (default 256)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="rows read, rendered and looked up together (default 1024)")
     p.add_argument("--part-rows", type=int, default=50_000,
                    help="most finished rows in one Parquet part under OUT/parts (default 50000); a part is also "
                         "written every second while rows finish, so a killed run loses at most a second of work")

@@ -121,13 +121,13 @@ def test_duplicates_are_found_while_the_index_is_written_in_the_background(tmp_p
     # every odd row from 800 on repeats the row 800 before it: about one part back
     texts = [f"Row {i - 800 if i >= 800 and i % 2 else i}: a short text." for i in range(4000)]
     pl.DataFrame({"id": list(range(4000)), "text": texts}).write_parquet(tmp_path / "in.parquet")
-    real = FolderIndex.add_part
+    real = FolderIndex.add_parts
 
-    def slow(self, part, records):
+    def slow(self, parts):
         time.sleep(0.05)
-        real(self, part, records)
+        real(self, parts)
 
-    monkeypatch.setattr(FolderIndex, "add_part", slow)
+    monkeypatch.setattr(FolderIndex, "add_parts", slow)
     stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
     assert stats.rows_generated == len(set(texts)) and stats.rows_duplicate == 4000 - len(set(texts))
 
@@ -136,19 +136,19 @@ def test_a_failed_index_write_fails_the_run_and_the_next_run_recovers_from_the_p
     from tokenmill.io.index import FolderIndex
 
     _input(tmp_path / "in.parquet", 3000, repeat_every=10**9)
-    real = FolderIndex.add_part
+    real = FolderIndex.add_parts
     calls = []
 
-    def failing(self, part, records):
-        calls.append(part)
+    def failing(self, parts):
+        calls.append(parts)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        real(self, part, records)
+        real(self, parts)
 
-    monkeypatch.setattr(FolderIndex, "add_part", failing)
+    monkeypatch.setattr(FolderIndex, "add_parts", failing)
     with pytest.raises(OSError, match="disk full"):
         run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
-    monkeypatch.setattr(FolderIndex, "add_part", real)
+    monkeypatch.setattr(FolderIndex, "add_parts", real)
     stats = run_echo("summarize", tmp_path / "in.parquet", tmp_path / "out", max_tokens=8)
     assert stats.rows_resumed >= 1400 and stats.rows_generated + stats.rows_resumed == 3000
     df = pl.read_parquet(tmp_path / "out" / RESULTS_FILE)
@@ -250,7 +250,7 @@ def test_an_index_of_the_older_form_is_replaced_and_read_again_from_the_files(tm
 
 
 def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_replaces_a_result(tmp_path):
-    """add_part writes many records per SQLite statement (json_each): every record comes back as
+    """add_parts writes many records per SQLite statement (json_each): every record comes back as
     it went in (long and non-ASCII texts, floats, nulls), and within one part as across parts a
     later error record does not replace a reusable result."""
     import pyarrow as pa
@@ -270,7 +270,7 @@ def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_re
     records = [record(i) for i in range(12_001)] + [record(5, "error"), record(7, "length", "x" * 100_000)]
     assert len(list(pieces(rows(records)))) == 3  # more than one statement
     index = FolderIndex(tmp_path)
-    index.add_part(part, rows(records))
+    index.add_parts([(part, rows(records))])
     got = index.get_many([f"{i:064x}" for i in (0, 5, 7, 12_000)])
     assert got[f"{0:064x}"]["raw_output"] == "résumé ✓ 0 \"q\" \\ \x01" and got[f"{0:064x}"]["latency_ms"] == 0.0
     assert got[f"{5:064x}"]["finish_reason"] == "stop"  # the later error did not replace it

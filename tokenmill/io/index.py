@@ -60,7 +60,7 @@ class FolderIndex:
         self.out = out
         self.path = out / INDEX_FILE
         self._db = self._open()
-        self._writes: sqlite3.Connection | None = None  # add_part's, for a background thread
+        self._writes: sqlite3.Connection | None = None  # add_parts's, for a background thread
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -151,11 +151,10 @@ class FolderIndex:
         return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
 
     # -- the run's transaction -------------------------------------------------------------
-    def add_part(self, part: Path, records: list[tuple[str, tuple]]) -> None:
-        """A part is on disk: add its new records (`contract.stored_rows`) and the part itself, in one
-        transaction. Callable from one other thread (tokenmill.io.background), on a connection
-        of its own, while this thread reads."""
-        stat = part.stat()
+    def add_parts(self, parts: list[tuple[Path, list[tuple[str, tuple]]]]) -> None:
+        """Parts are on disk: add their new records (`contract.stored_rows`) and the parts
+        themselves, in one transaction. Callable from one other thread
+        (tokenmill.io.background), on a connection of its own, while this thread reads."""
         if self._writes is None:
             self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             _tune(self._writes)
@@ -163,9 +162,12 @@ class FolderIndex:
         db = self._writes
         db.execute("BEGIN")
         try:
-            for piece in pieces(hashed(records)):
-                db.execute(_UPSERT, piece)
-            db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (self._name(part), stat.st_size, stat.st_mtime_ns))
+            for part, records in parts:
+                stat = part.stat()
+                for piece in pieces(hashed(records)):
+                    db.execute(_UPSERT, piece)
+                db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
+                           (self._name(part), stat.st_size, stat.st_mtime_ns))
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -41,7 +41,7 @@ class JobConfig:
     n_threads: int = 0  # 0: calibrated or every core, less the cores busy elsewhere (Planner.default_threads)
     backend: str | None = None  # a name in tokenmill.models.registry; None: the model's default (llama, http)
     backend_options: dict = field(default_factory=dict)  # checked by the backend's registry entry
-    chunk_size: int = 256
+    chunk_size: int = 1024
     part_rows: int = 50_000  # most rows in one results part (a part is also written every second)
     max_words: int = 40
     split_long: bool = True  # summarize: cut a text too long for the context into parts (map-reduce)
