@@ -256,7 +256,7 @@ def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_re
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokenmill.io.index import FolderIndex, pieces, rows
+    from tokenmill.io.index import FolderIndex, bulk, rows
 
     (tmp_path / PARTS_DIR).mkdir()
     part = tmp_path / PARTS_DIR / "p1.parquet"
@@ -268,9 +268,9 @@ def test_a_parts_records_go_into_the_index_in_bulk_exactly_and_an_error_never_re
                 "latency_ms": i / 3, "confidence": None, "run_id": "r1", "produced": "generated"}
 
     records = [record(i) for i in range(12_001)] + [record(5, "error"), record(7, "length", "x" * 100_000)]
-    assert len(list(pieces(rows(records)))) == 3  # more than one statement
+    assert len(bulk(rows(records))) == 3  # more than one statement
     index = FolderIndex(tmp_path)
-    index.add_parts([(part, rows(records))])
+    index.add_parts([(part, bulk(rows(records)))])
     got = index.get_many([f"{i:064x}" for i in (0, 5, 7, 12_000)])
     assert got[f"{0:064x}"]["raw_output"] == "résumé ✓ 0 \"q\" \\ \x01" and got[f"{0:064x}"]["latency_ms"] == 0.0
     assert got[f"{5:064x}"]["finish_reason"] == "stop"  # the later error did not replace it
@@ -284,7 +284,7 @@ def test_keys_whose_hashes_collide_are_never_confused(tmp_path):
     """The index and the cache look keys up by 63 bits of them (io/index.py key_hash) and check the
     whole key: a key whose bits match another's is not found in its place, and replacing it only
     costs the other key a regeneration."""
-    from tokenmill.io.index import FolderIndex, key_hash, rows
+    from tokenmill.io.index import FolderIndex, bulk, key_hash, rows
     from tokenmill.ledger import ResultCache
 
     a, b = "a" * 48 + "0123456789abcdef", "b" * 48 + "0123456789abcdef"
@@ -298,6 +298,6 @@ def test_keys_whose_hashes_collide_are_never_confused(tmp_path):
     assert index.get(a) is None and index.get(b)["raw_output"] == "for b"
     index.close()
     cache = ResultCache(tmp_path / "cache")
-    cache.write(rows([record]))
+    cache.write(bulk(rows([record])))
     assert cache.get(b) is None and cache.get(a)["raw_output"] == "for a"
     cache.close()

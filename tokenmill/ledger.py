@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenmill.contract import LOCK_FILE
 from tokenmill.errors import InputError
-from tokenmill.io.index import WAL_PAGES, WRITER_CACHE_KIB, hashed, pieces, select_many
+from tokenmill.io.index import WAL_PAGES, WRITER_CACHE_KIB, bulk, select_many
 from tokenmill.models.resolve import cache_root
 
 class ResultCache:
@@ -49,7 +49,7 @@ class ResultCache:
                 old = db.execute("SELECT row_key, record FROM results")
                 while batch := old.fetchmany(5_000):  # (records as JSON texts; the oldest were bytes)
                     texts = [(key, r.decode() if isinstance(r, bytes) else r) for key, r in batch]
-                    for piece in pieces(hashed(texts)):
+                    for piece in bulk(texts):
                         db.execute(_INSERT, piece)
                 db.execute("DROP TABLE results")
             db.execute("COMMIT")
@@ -67,11 +67,11 @@ class ResultCache:
     def empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is None
 
-    def write(self, records: list[tuple[str, tuple]]) -> None:
-        """Store (row key, stored record) pairs of reusable records (`contract.stored_rows`), in one
-        transaction (a few statements: io/index.py `pieces`).
+    def write(self, prepared: list[tuple[str]]) -> None:
+        """Store reusable records, as `io.index.bulk` made them of (row key, stored record) pairs
+        (`contract.stored_rows`), in one transaction.
         Callable from one other thread (tokenmill.io.background), on a connection of its own."""
-        if not records:
+        if not prepared:
             return
         if self._writes is None:
             self._writes = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -79,7 +79,7 @@ class ResultCache:
             self._writes.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         with self._writes:
             self._writes.execute("BEGIN")
-            for piece in pieces(hashed(records)):
+            for piece in prepared:
                 self._writes.execute(_INSERT, piece)
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tokenmill.contract import (RESULTS_FILE, REUSABLE, STORED_FIELDS, USAGE_FILE, columns_of, record_index,
                                 stored_rows)
 from tokenmill.io.background import BackgroundWrites
-from tokenmill.io.index import FolderIndex
+from tokenmill.io.index import FolderIndex, bulk
 from tokenmill.io.parts import PartWriter, append_row
 from tokenmill.ledger import ResultCache
 from tokenmill.usage import RunStats
@@ -169,9 +169,11 @@ class ResultSink:
         reason = record_index("finish_reason")
         cached = [row for row in indexed if row[0] in to_cache and row[1][reason] in REUSABLE] if to_cache else []
         self._to_cache = set()
+        prepared = bulk(indexed)  # (the JSON texts are made here: see io/index.py bulk)
+        for_cache = prepared if len(cached) == len(indexed) else bulk(cached)  # (usually the same rows)
 
         self._committed()
-        self.writes.submit((part, indexed, cached), self.pending)
+        self.writes.submit((part, prepared, for_cache if cached else []), self.pending)
         self.buffer.clear()
         self.new.clear()
         self.pending = {}
@@ -183,7 +185,7 @@ class ResultSink:
         """(In the background thread.) Parts on disk: their records into the folder's index with
         their names, one transaction; the reusable ones into the shared cache."""
         self.index.add_parts([(part, indexed) for part, indexed, _cached in jobs])
-        cached = [row for _part, _indexed, rows in jobs for row in rows]
+        cached = [piece for _part, _indexed, pieces in jobs for piece in pieces]
         if cached:
             self.cache.write(cached)
 
