@@ -111,7 +111,8 @@ class BatchJob(Job):
         except TemplateError:
             return ""
 
-    def _plan(self, row: dict):
+    def _plan(self, row: dict, prompt: str | None = None):
+        """(The request renders its own prompt: `prompt` is never given, since a batch has no task template.)"""
         try:
             return self._plan_request(row)
         except Refused as exc:
