@@ -587,3 +587,33 @@ def test_constant_expressions_and_loops_over_constants_keep_slots(tmp_path):
     assert fast is not None
     assert fast.render(variables) == template.render(variables) == (
         "A: the text\nB: the text\nat most 9 words (None)")
+
+
+def test_a_chunk_renders_column_by_column_exactly_as_row_by_row(tmp_path, monkeypatch):
+    """Planner._render_chunk (the scale path: one template render, then each row's values joined
+    between its pieces) gives every row the prompt `render` gives it: the shipped template and a
+    two-slot one, odd texts, a non-string column, and a chat template whose head starts with the
+    BOS that the tokenizer adds (cut, as `render` cuts it)."""
+    import polars as pl
+
+    from tokenmill.tasks.runner import JobConfig
+    from tokenmill.tasks.summarize import prepare_summarize
+
+    data = tmp_path / "in.parquet"
+    pl.DataFrame({"text": [r["text"] for r in _ROWS] + ["", "last"],
+                  "title": ["T", None, "3.5", "x", "y", "z"], "n": [1, 2, 3, None, 5, 6]}).write_parquet(data)
+    two = tmp_path / "two.j2"
+    two.write_text("Title: {{ title }} ({{ n }})\n{{ text }}\nEnd {{ max_words }}.")
+    for prompt in (None, str(two)):
+        job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), backend="echo", prompt=prompt))
+        chunk = next(job.table.chunks(100))
+        rows = list(chunk.iter_rows(named=True))
+        expected = [job.render(row) for row in rows]
+        assert job._render_chunk(chunk) == expected and len(set(expected)) == len(rows)
+        head = job.chat.frame()[0]
+        info = type(job.model_info)
+        monkeypatch.setattr(info, "bos_token", property(lambda self: head[:5]))
+        monkeypatch.setattr(info, "adds_bos", property(lambda self: True))
+        expected = [job.render(row) for row in rows]
+        assert all(not p.startswith(head[:5]) for p in expected) and job._render_chunk(chunk) == expected
+        monkeypatch.undo()
