@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
+    p.add_argument("--task-rows", type=int, help="passed to the command (default: the command's own)")
     args = p.parse_args(argv)
     print(f"tokenmill bench: scale, {args.rows:,} rows on the echo backend; load average at start "
           f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  input: {data} ({data.stat().st_size / 2**20:.0f} MiB, made in {time.perf_counter() - t0:.1f} s)")
         env = {**os.environ, "TOKENMILL_CACHE_DIR": str(folder / "cache"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         argv_ = [sys.executable, "-m", "flows.summarize", str(data), "--backend", "echo", "--max-tokens", "16",
-                 "--out", str(out), "--no-progress"]
+                 "--out", str(out), "--no-progress"] + (["--task-rows", str(args.task_rows)] if args.task_rows else [])
         for name in ("first run", "rerun, nothing to do"):
             wall, code, last, rss = timed_command(argv_, env)
             usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True) if (out / "usage.parquet").exists() else {}

@@ -50,7 +50,7 @@ _UPSERT = ("INSERT INTO records (h, key, ok, run_id, record) "
            "run_id = excluded.run_id, record = excluded.record "
            "WHERE excluded.ok >= records.ok OR excluded.key != records.key")
 WAL_PAGES = 10_000  # checkpoint the write-ahead log at about 40 MB, not SQLite's 4 MB: fewer syncs and page rewrites
-WRITER_CACHE_KIB = 65_536  # a background writer's page cache: the key B-tree of a million rows fits
+WRITER_CACHE_KIB = 32_768  # a background writer's page cache (SQLite's default is 2 MiB): a million rows' key B-tree fits
 
 
 class FolderIndex:

@@ -20,6 +20,7 @@ job is resumed from the output folder's index as before, so rows written are nev
 from __future__ import annotations
 
 import contextvars
+from collections import Counter
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -98,7 +99,7 @@ class ChunkRun:
         def body() -> None:
             try:
                 self.stats = self.job.run(progress=progress, run_id=run_id, on_chunk=on_chunk,
-                                          rows=self._gated, on_row=self._finished, stop=self.stop,
+                                          rows=self._gated, on_rows=self._finished, stop=self.stop,
                                           pending_id=self.pending_id)
             except BaseException as exc:  # handed to the waiting chunk tasks and to finish()
                 self.error = exc
@@ -112,28 +113,28 @@ class ChunkRun:
                                         name="tokenmill-scheduler", daemon=True)
         self._thread.start()
 
-    def _range_of(self, row: int) -> RowRange:
-        return self.ranges[min(row // self.task_rows, len(self.ranges) - 1)]
-
     def _gated(self, planned: Iterator[tuple[dict, Any, str | None]]) -> Iterator[Any]:
         """The planned rows, each once its range is open; WAIT while it is not."""
+        size, last, is_open = self.task_rows, len(self.ranges) - 1, self._open
         for item in planned:
-            number = self._range_of(item[0]["row"]).number
-            while number not in self._open:
+            number = min(item[0]["row"] // size, last)
+            while number not in is_open:
                 with self._cond:
                     self._cond.wait(0.05)
-                if number not in self._open:
+                if number not in is_open:
                     yield WAIT
             yield item
 
-    def _finished(self, result: dict) -> None:
-        """The sink's callback for every results row."""
-        rng = self._range_of(result["row"])
+    def _finished(self, columns: dict) -> None:
+        """The sink's callback with rows finished since its last call: counted into their ranges."""
+        size, last = self.task_rows, len(self.ranges) - 1
+        counts = Counter(zip([min(row // size, last) for row in columns["row"]], columns["status"]))
         with self._cond:
-            rng.done += 1
-            rng.counts[result["status"]] = rng.counts.get(result["status"], 0) + 1
-            if rng.done >= rng.rows:
-                self._cond.notify_all()
+            for (number, status), n in counts.items():
+                rng = self.ranges[number]
+                rng.done += n
+                rng.counts[status] = rng.counts.get(status, 0) + n
+            self._cond.notify_all()
 
     def run_chunk(self, number: int) -> dict:
         """The body of one chunk task: open the range, wait until all its rows are finished."""

@@ -124,10 +124,11 @@ class Job(Planner):
 
     def run(self, progress: bool = True, run_id: str | None = None,
             on_chunk: Callable[[RunStats], None] | None = None, rows: Callable | None = None,
-            on_row: Callable[[dict], None] | None = None, stop=None, pending_id: PendingRunId | None = None
+            on_rows: Callable[[dict], None] | None = None, stop=None, pending_id: PendingRunId | None = None
             ) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage.
-        `rows` gates the planned rows (tasks/chunks.py); `on_row` sees every finished results row;
+        `rows` gates the planned rows (tasks/chunks.py); `on_rows` sees the columns of every
+        written part of results rows (`row` and `status` among them);
         `stop` (a threading.Event) ends the run as Ctrl-C would; `pending_id`: the run's id
         comes later (tasks/sink.py), rows are written once it has."""
         stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,
@@ -137,7 +138,7 @@ class Job(Planner):
         lock = OutputLock(self.out)
         lock.acquire()
         try:
-            self._run_locked(stats, progress, on_chunk, rows, on_row, stop, pending_id)
+            self._run_locked(stats, progress, on_chunk, rows, on_rows, stop, pending_id)
         finally:
             lock.release()
         return stats
@@ -147,7 +148,7 @@ class Job(Planner):
                          worker_restarts=restarts, **self.prices.estimate(stats))
 
     def _run_locked(self, stats: RunStats, progress: bool, on_chunk: Callable[[RunStats], None] | None,
-                    rows: Callable | None = None, on_row: Callable[[dict], None] | None = None,
+                    rows: Callable | None = None, on_rows: Callable[[dict], None] | None = None,
                     stop=None, pending_id: PendingRunId | None = None) -> None:
         index = FolderIndex(self.out)
         try:
@@ -156,18 +157,17 @@ class Job(Planner):
                 if pending_id is not None:  # the usage row carries the run's id
                     pending_id.ready.wait()
                     stats.run_id = pending_id.run_id or stats.run_id
-                self._nothing_to_do(stats, last, on_row)
+                self._nothing_to_do(stats, last, on_rows)
                 return
-            self._generate(stats, index, progress, on_chunk, rows, on_row, stop, pending_id)
+            self._generate(stats, index, progress, on_chunk, rows, on_rows, stop, pending_id)
         finally:
             index.close()
 
-    def _nothing_to_do(self, stats: RunStats, last: dict, on_row: Callable[[dict], None] | None = None) -> None:
+    def _nothing_to_do(self, stats: RunStats, last: dict, on_rows: Callable[[dict], None] | None = None) -> None:
         """A rerun of a finished job: its rows are in results.parquet already, as they were."""
         self.stop_worker()
-        if on_row is not None:  # chunk tasks wait for their rows: they are all there
-            for row in pl.read_parquet(self.out / RESULTS_FILE, columns=["row", "status"]).iter_rows(named=True):
-                on_row(row)
+        if on_rows is not None:  # chunk tasks wait for their rows: they are all there
+            on_rows(pl.read_parquet(self.out / RESULTS_FILE, columns=["row", "status"]).to_dict(as_series=False))
         for name in ("rows_total", "rows_ok", "rows_error", "rows_skipped"):
             setattr(stats, name, last[name])
         stats.rows_resumed = last["rows_total"] - last["rows_skipped"]
@@ -176,11 +176,11 @@ class Job(Planner):
 
     def _generate(self, stats: RunStats, index: FolderIndex, progress: bool,
                   on_chunk: Callable[[RunStats], None] | None, rows: Callable | None = None,
-                  on_row: Callable[[dict], None] | None = None, stop=None,
+                  on_rows: Callable[[dict], None] | None = None, stop=None,
                   pending_id: PendingRunId | None = None) -> None:
         cache = self._open_cache()
         worker, self.worker = self.worker or self._new_worker(), None  # started by start_worker, or on first use
-        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_row=on_row,
+        sink = ResultSink(self, stats, index, cache, progress=progress, on_chunk=on_chunk, on_rows=on_rows,
                           run_id=pending_id)
         try:
             try:

@@ -56,13 +56,14 @@ class PendingRunId:
 class ResultSink:
     def __init__(self, planner: "Planner", stats: RunStats, index: FolderIndex, cache: ResultCache | None,
                  progress: bool = False, on_chunk: Callable[[RunStats], None] | None = None,
-                 on_row: Callable[[dict], None] | None = None, run_id: PendingRunId | None = None):
+                 on_rows: Callable[[dict], None] | None = None, run_id: PendingRunId | None = None):
         self.planner = planner
         self.stats = stats
         self.index = index
         self.cache = cache
         self.on_chunk = on_chunk
-        self.on_row = on_row  # sees every results row (tasks/chunks.py counts a chunk's rows)
+        self.on_rows = on_rows  # sees rows finished since its last call (tasks/chunks.py counts a chunk's rows)
+        self._done: dict[str, list] = {"row": [], "status": []}  # ... those rows, for on_rows
         self.run_id = run_id  # while not None: the run's id is not known yet, so nothing is written
         self.writer = PartWriter(planner.out, stats.run_id)
         self.buffer: list[dict] = []
@@ -95,10 +96,24 @@ class ResultSink:
             self.new.append(True)
         else:
             self.new.append(False)
+        if self.on_rows is not None:
+            self._done["row"].append(result["row"])
+            self._done["status"].append(result["status"])
         if len(self.buffer) >= self.part_rows or time.monotonic() - self._flushed_at >= FLUSH_S:
             self.flush()
-        if self.on_row is not None:
-            self.on_row(result)
+
+    def _report_done(self) -> None:
+        """Rows finished since the last report to `on_rows` (at every flush, written or held)."""
+        if self.on_rows is not None and self._done["row"]:
+            done, self._done = self._done, {"row": [], "status": []}
+            self.on_rows(done)
+
+    def flush_if_due(self) -> None:
+        """The scheduler has nothing to admit now (tasks/chunks.py: WAIT): rows finished since the
+        last flush are reported to `on_rows` now, and written once a second has passed."""
+        self._report_done()
+        if self.buffer and time.monotonic() - self._flushed_at >= FLUSH_S:
+            self.flush()
 
     def generated(self, key: str) -> None:
         """`key`'s record was generated now: shared with later runs through the cache."""
@@ -155,10 +170,10 @@ class ResultSink:
         """Write the rows finished since the last part; the index and cache take them in the
         background (io/background.py), the part's name in the same transaction. `wait`: the
         run is ending, so wait for its id if it has none yet."""
-        now = time.monotonic()
+        now = self._flushed_at = time.monotonic()  # (rows held for the run's id are tried again a second later)
+        self._report_done()
         if not self._id_known(wait):
             return
-        self._flushed_at = now
         if not self.buffer:
             return
         planner = self.planner
