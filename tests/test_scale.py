@@ -301,3 +301,34 @@ def test_keys_whose_hashes_collide_are_never_confused(tmp_path):
     cache.write(bulk(rows([record])))
     assert cache.get(b) is None and cache.get(a)["raw_output"] == "for a"
     cache.close()
+
+
+def test_writes_that_queue_up_behind_a_slow_one_go_together_and_an_error_reaches_the_submitter():
+    """io/background.py: while one write runs, later ones wait and then go to `write_many`
+    together (one transaction for the index); their tags come back in order; an error is
+    raised in the submitting thread."""
+    import threading
+
+    from tokenmill.io.background import BackgroundWrites
+
+    calls, gate = [], threading.Event()
+
+    def write_many(jobs):
+        calls.append(list(jobs))
+        gate.wait(10)
+        if "bad" in jobs:
+            raise OSError("disk full (simulated)")
+
+    writes = BackgroundWrites(write_many, depth=4)
+    writes.submit("a", "tag-a")
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writes.submit("b", "tag-b")
+    writes.submit("c", "tag-c")
+    gate.set()
+    assert writes.wait() == ["tag-a", "tag-b", "tag-c"] and calls == [["a"], ["b", "c"]]
+    writes.submit("bad", "tag-bad")
+    with pytest.raises(OSError, match="disk full"):
+        writes.wait()
+    writes.close()
