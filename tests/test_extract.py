@@ -14,7 +14,7 @@ from tests.conftest import DATASETS, REPO, run_echo
 from tokenmill.schema import load_schema, polars_dtype
 
 SPEC = REPO / "jobs" / "restaurants.yaml"
-ROWS = 20  # E2E rows extracted with the grammar on the real model
+ROWS = 8  # E2E rows extracted with the grammar on the real model (all in one wave of slots)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def extracted(run_flow, e2e_csv, tmp_path_factory):
     return result, out
 
 
-def test_twenty_e2e_rows_are_all_ok_and_schema_valid(extracted):
+def test_e2e_rows_are_all_ok_and_schema_valid(extracted):
     result, out = extracted
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
