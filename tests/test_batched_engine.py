@@ -20,7 +20,7 @@ from tokenmill.models.llama_load import FIRST_STREAM_CELLS  # noqa: E402
 from tokenmill.models.resolve import default_model_path  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-N_ROWS = 16  # two waves of 8 slots
+N_ROWS = 10  # two waves of 8 slots: 8 rows, then 2 in the slots the first wave frees
 MAX_TOKENS = 32
 # SmolLM2's ChatML template, rendered by hand: the part before the row text is shared by all rows.
 CHATML = (
@@ -95,7 +95,7 @@ def test_one_slot_matches_create_completion_text_and_usage(model_path, prompts, 
         assert got[i].completion_tokens == ref["usage"]["completion_tokens"]
 
 
-def test_eight_slots_match_create_completion_on_16_scitldr_rows(model_path, prompts, reference, tokenizer):
+def test_eight_slots_match_create_completion_on_two_waves_of_scitldr_rows(model_path, prompts, reference, tokenizer):
     got = run(model_path, [greedy(i, p) for i, p in enumerate(prompts)], n_seq=8, n_ctx=9 * 1024)
     assert sorted(got) == list(range(N_ROWS))
     differ = []
@@ -376,6 +376,7 @@ def test_grammar_rows_sampled_first_give_grammar_first_text(model_path, restaura
     """The chosen token is checked against the grammar before the whole vocabulary is: for greedy
     rows that must give exactly what create_completion's grammar-first sampling gives."""
     grammar, validate, prompts = restaurant_rows
+    prompts = prompts[:2]  # per token, so two rows of ~60 tokens each check it often enough
     llm = llama_cpp.Llama(model_path, n_ctx=1024, verbose=False)
     try:
         reference = [llm.create_completion(p, max_tokens=160, temperature=0,
