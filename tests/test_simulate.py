@@ -110,7 +110,7 @@ def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
     usage = pl.read_parquet(run_a / "usage.parquet")
     assert usage.height == 1 and usage["steps_committed"][0] == STEPS and usage["calls"][0] == calls.height
     text = (run_a / "transcript.md").read_text()
-    assert "## Step 1:" in text and "## Step 6:" in text and "Reflections:" in text
+    assert "## Step 1:" in text and f"## Step {STEPS}:" in text and "Reflections:" in text
 
 
 @SIM_MODEL
