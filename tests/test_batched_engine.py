@@ -127,6 +127,7 @@ def test_a_row_continues_from_what_a_finished_row_left_in_its_slot(model_path, p
     next turn of a conversation) decodes only what follows, with create_completion's text."""
     engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 2048))
     try:
+        assert engine.stream_ctx == FIRST_STREAM_CELLS < engine.row_ctx  # streams start at the default size
         [first] = list(engine.generate([greedy(0, prompts[0])]))
         turn = (prompts[0] + first.text + "<|im_end|>\n<|im_start|>user\nNow say it in five words.<|im_end|>\n"
                 "<|im_start|>assistant\n")
@@ -201,19 +202,21 @@ def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unifie
 
 
 def test_streams_grow_for_a_long_row_and_keep_every_text(model_path, prompts, reference):
-    """Streams start at FIRST_STREAM_CELLS; a row that needs more waits for the rows before
-    it, the streams grow, and every row still has create_completion's text."""
-    long_prompt = summarize_prompt(" ".join(prompts[0:5]))
-    llm = llama_cpp.Llama(model_path, n_ctx=4096, verbose=False)
+    """Streams start small (here 512 cells, set with stream_cells; by default FIRST_STREAM_CELLS,
+    checked in test_a_row_continues_...); a row that needs more waits for the rows before it, the streams
+    grow, and every row still has create_completion's text."""
+    first = 512  # half the default, so that a row of two abstracts (~500 tokens) outgrows it
+    long_prompt = summarize_prompt(" ".join(prompts[0:2]))
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, verbose=False)
     long_ref = llm.create_completion(long_prompt, max_tokens=MAX_TOKENS, temperature=0)
     llm.close()
-    assert long_ref["usage"]["prompt_tokens"] + MAX_TOKENS > FIRST_STREAM_CELLS  # the test needs a long row
-    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 4096))
+    assert long_ref["usage"]["prompt_tokens"] + MAX_TOKENS > first  # the test needs a long row
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 4096, stream_cells=first))
     try:
-        assert engine.stream_ctx == FIRST_STREAM_CELLS and engine.row_ctx == 4096
+        assert engine.stream_ctx == first and engine.row_ctx == 4096
         requests = [greedy(0, prompts[0]), greedy(1, long_prompt), greedy(2, prompts[1])]
         got = {c.index: c for c in engine.generate(requests)}
-        assert engine.stats["stream_resizes"] >= 1 and engine.stream_ctx > FIRST_STREAM_CELLS
+        assert engine.stats["stream_resizes"] >= 1 and engine.stream_ctx > first
     finally:
         engine.close()
     assert got[1].text == long_ref["choices"][0]["text"]
