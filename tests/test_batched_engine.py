@@ -107,7 +107,7 @@ def test_eight_slots_match_create_completion_on_two_waves_of_scitldr_rows(model_
             pos = first_token_difference(tokenizer, want, have)
             print(f"row {i} differs from token {pos}:\n  ref: {want!r}\n  got: {have!r}")
     print(f"{N_ROWS - len(differ)}/{N_ROWS} rows identical to create_completion")
-    assert len(differ) <= 2
+    assert len(differ) <= N_ROWS // 8  # one row in eight may differ (batched rounding): 1 of 10 (was 2 of 16)
     # Every row after the first shares the chat-template prefix with the row before it.
     assert sum(got[i].cached_tokens > 0 for i in range(N_ROWS)) >= N_ROWS - 1
 
