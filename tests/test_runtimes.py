@@ -91,8 +91,8 @@ def _summarize_cmd(data, out, url) -> list[str]:
 
 
 def test_server_stopped_mid_run_fails_its_rows_alone_and_the_same_command_finishes_them(
-        server, prefect_server, scitldr_parquet, tmp_path):
-    s = server  # the module's server: stopped here mid-run and started again on its port (the later tests need none)
+        prefect_server, scitldr_parquet, tmp_path):
+    s = LoopbackServer("llama-cpp-python", default_model_path(), tmp_path / "server.log").start()
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"],
            "TOKENMILL_CACHE_DIR": str(tmp_path / "cache")}
