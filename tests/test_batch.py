@@ -149,7 +149,7 @@ def test_kill_9_mid_run_then_the_same_command_answers_every_request_once(prefect
                                                                         tmp_path):
     path = tmp_path / "long.jsonl"
     lines = [{"custom_id": f"topic-{i:02d}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "gpt-4o-mini", "max_tokens": 20,
+              "body": {"model": "gpt-4o-mini", "max_tokens": 40,
                        "messages": [{"role": "user", "content": f"Write two sentences about {topic}."}]}}
              for i, topic in enumerate(TOPICS)]
     seeded = next(r for r in requests if r["custom_id"] == "seed-1")
