@@ -33,7 +33,7 @@ def test_one_of_two_workers_killed_mid_run_every_row_exactly_once(prefect_server
     pl.DataFrame([{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(ROWS)]).write_parquet(data)
     out = tmp_path / "out"
     proc = _start(prefect_server, str(data), "--out", str(out), "--workers", "2", "--n-seq", "2", "--threads", "1",
-                  "--max-tokens", "8", "--n-ctx", "1024", "--part-rows", "1", "--no-cache", "--no-progress")
+                  "--max-tokens", "16", "--n-ctx", "1024", "--part-rows", "1", "--no-cache", "--no-progress")
     _wait_for(lambda: len(_workers(proc.pid)) == 2 and len(_parts(out)) >= 1, proc)
     victim = _workers(proc.pid)[-1]
     os.kill(victim, signal.SIGKILL)
