@@ -16,11 +16,10 @@ import pytest
 
 from tests.conftest import REPO, run_echo, scitldr_rows
 
-FAST = ["--max-tokens", "8", "--chunk-size", "2", "--part-rows", "2", "--no-cache", "--no-progress"]
-# Runs that are killed or interrupted: short abstracts (a fifth of a full one's prefill) and short
-# replies (8 tokens: decoding is most of a row's time here) through 2 slots, so parts keep coming
-# one after another instead of 16 rows finishing in the same decode step, and a kill after a part
-# still lands mid-generation (8 parts of 2 rows, each under a second).
+FAST = ["--max-tokens", "16", "--chunk-size", "2", "--part-rows", "2", "--no-cache", "--no-progress"]
+# Runs that are killed or interrupted: short abstracts (a fifth of a full one's prefill, which is
+# most of a row's time here) through 2 slots, so parts keep coming one after another instead of
+# 16 rows finishing in the same decode step, and a kill after a part still lands mid-generation.
 KILLABLE = [*FAST, "--n-seq", "2"]
 WORDS = 40
 
