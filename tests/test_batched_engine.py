@@ -20,7 +20,7 @@ from tokenmill.models.llama_load import FIRST_STREAM_CELLS  # noqa: E402
 from tokenmill.models.resolve import default_model_path  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-N_ROWS = 16  # two waves of 8 slots
+N_ROWS = 10  # two waves of 8 slots: 8 rows, then 2 in the slots the first wave frees
 MAX_TOKENS = 32
 # SmolLM2's ChatML template, rendered by hand: the part before the row text is shared by all rows.
 CHATML = (
@@ -95,7 +95,7 @@ def test_one_slot_matches_create_completion_text_and_usage(model_path, prompts, 
         assert got[i].completion_tokens == ref["usage"]["completion_tokens"]
 
 
-def test_eight_slots_match_create_completion_on_16_scitldr_rows(model_path, prompts, reference, tokenizer):
+def test_eight_slots_match_create_completion_on_two_waves_of_scitldr_rows(model_path, prompts, reference, tokenizer):
     got = run(model_path, [greedy(i, p) for i, p in enumerate(prompts)], n_seq=8, n_ctx=9 * 1024)
     assert sorted(got) == list(range(N_ROWS))
     differ = []
@@ -107,7 +107,7 @@ def test_eight_slots_match_create_completion_on_16_scitldr_rows(model_path, prom
             pos = first_token_difference(tokenizer, want, have)
             print(f"row {i} differs from token {pos}:\n  ref: {want!r}\n  got: {have!r}")
     print(f"{N_ROWS - len(differ)}/{N_ROWS} rows identical to create_completion")
-    assert len(differ) <= 2
+    assert len(differ) <= N_ROWS // 8  # one row in eight may differ (batched rounding): 1 of 10 (was 2 of 16)
     # Every row after the first shares the chat-template prefix with the row before it.
     assert sum(got[i].cached_tokens > 0 for i in range(N_ROWS)) >= N_ROWS - 1
 
@@ -127,6 +127,7 @@ def test_a_row_continues_from_what_a_finished_row_left_in_its_slot(model_path, p
     next turn of a conversation) decodes only what follows, with create_completion's text."""
     engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 2048))
     try:
+        assert engine.stream_ctx == FIRST_STREAM_CELLS < engine.row_ctx  # streams start at the default size
         [first] = list(engine.generate([greedy(0, prompts[0])]))
         turn = (prompts[0] + first.text + "<|im_end|>\n<|im_start|>user\nNow say it in five words.<|im_end|>\n"
                 "<|im_start|>assistant\n")
@@ -201,19 +202,21 @@ def test_row_too_long_for_the_context_fails_alone(model_path, prompts, kv_unifie
 
 
 def test_streams_grow_for_a_long_row_and_keep_every_text(model_path, prompts, reference):
-    """Streams start at FIRST_STREAM_CELLS; a row that needs more waits for the rows before
-    it, the streams grow, and every row still has create_completion's text."""
-    long_prompt = summarize_prompt(" ".join(prompts[0:5]))
-    llm = llama_cpp.Llama(model_path, n_ctx=4096, verbose=False)
+    """Streams start small (here 512 cells, set with stream_cells; by default FIRST_STREAM_CELLS,
+    checked in test_a_row_continues_...); a row that needs more waits for the rows before it, the streams
+    grow, and every row still has create_completion's text."""
+    first = 512  # half the default, so that a row of two abstracts (~500 tokens) outgrows it
+    long_prompt = summarize_prompt(" ".join(prompts[0:2]))
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, verbose=False)
     long_ref = llm.create_completion(long_prompt, max_tokens=MAX_TOKENS, temperature=0)
     llm.close()
-    assert long_ref["usage"]["prompt_tokens"] + MAX_TOKENS > FIRST_STREAM_CELLS  # the test needs a long row
-    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 4096))
+    assert long_ref["usage"]["prompt_tokens"] + MAX_TOKENS > first  # the test needs a long row
+    engine = LlamaBatchedBackend(ModelSettings(model_path=model_path, n_seq=2, n_ctx=3 * 4096, stream_cells=first))
     try:
-        assert engine.stream_ctx == FIRST_STREAM_CELLS and engine.row_ctx == 4096
+        assert engine.stream_ctx == first and engine.row_ctx == 4096
         requests = [greedy(0, prompts[0]), greedy(1, long_prompt), greedy(2, prompts[1])]
         got = {c.index: c for c in engine.generate(requests)}
-        assert engine.stats["stream_resizes"] >= 1 and engine.stream_ctx > FIRST_STREAM_CELLS
+        assert engine.stats["stream_resizes"] >= 1 and engine.stream_ctx > first
     finally:
         engine.close()
     assert got[1].text == long_ref["choices"][0]["text"]
@@ -376,6 +379,7 @@ def test_grammar_rows_sampled_first_give_grammar_first_text(model_path, restaura
     """The chosen token is checked against the grammar before the whole vocabulary is: for greedy
     rows that must give exactly what create_completion's grammar-first sampling gives."""
     grammar, validate, prompts = restaurant_rows
+    prompts = prompts[:2]  # per token, so two rows of ~60 tokens each check it often enough
     llm = llama_cpp.Llama(model_path, n_ctx=1024, verbose=False)
     try:
         reference = [llm.create_completion(p, max_tokens=160, temperature=0,

@@ -98,15 +98,17 @@ def test_summaries_that_cannot_be_combined_fail_clearly():
 # -- end to end on the real model ------------------------------------------------------------
 
 
+N_CTX = 512  # a small context, so that a short document (about 900 tokens, 5 abstracts) already needs 3 parts
+
+
 @pytest.fixture(scope="module")
 def long_input(tmp_path_factory, info):
-    """A ~1,500-word document of consecutive SciTLDR abstracts (about 3 parts at --n-ctx 1024), between two ordinary rows."""
+    """Consecutive SciTLDR abstracts, just over 1.75 contexts of --n-ctx N_CTX (3 parts), between two ordinary rows."""
     rows = scitldr_rows(60)
-    paragraphs, words = [], 0
+    paragraphs = []
     for r in rows[2:]:
         paragraphs.append(r["text"])
-        words += len(r["text"].split())
-        if words >= 1_500:
+        if info.count_text_tokens("\n\n".join(paragraphs)) > 1.75 * N_CTX:
             break
     doc = "\n\n".join(paragraphs)
     path = tmp_path_factory.mktemp("long") / "long.parquet"
@@ -119,12 +121,12 @@ def long_input(tmp_path_factory, info):
 def long_run(run_flow, long_input, tmp_path_factory):
     path, _ = long_input
     out = tmp_path_factory.mktemp("long-out") / "out"
-    result = run_flow("summarize", str(path), "--n-ctx", "1024", "--max-tokens", "32", "--id-column", "name",
+    result = run_flow("summarize", str(path), "--n-ctx", str(N_CTX), "--max-tokens", "32", "--id-column", "name",
                       "--out", str(out), "--no-cache", timeout=1500)
     return result, out
 
 
-def test_fifteen_hundred_words_summarize_in_parts_at_n_ctx_1024(long_run, long_input):
+def test_a_text_of_almost_two_contexts_summarizes_in_three_parts_then_combines(long_run, long_input):
     result, out = long_run
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
@@ -132,8 +134,8 @@ def test_fifteen_hundred_words_summarize_in_parts_at_n_ctx_1024(long_run, long_i
     assert df["status"].to_list() == ["ok"] * 3
     long = df.row(1, named=True)
     _, doc_tokens = long_input
-    assert doc_tokens > 1.5 * 1024  # the premise: the text is well beyond one prompt at this context
-    assert long["chunks"] >= doc_tokens // 1024 + 1  # it cannot fit in fewer parts of this context
+    assert doc_tokens > 1.75 * N_CTX  # the premise: the text is well beyond one prompt at this context
+    assert long["chunks"] >= 3 > doc_tokens // N_CTX  # more parts than whole contexts: each prompt holds the template too
     assert long["calls"] > long["chunks"]  # the parts, then at least one combining call
     assert long["summary"].strip()
     assert long["prompt_tokens"] > doc_tokens  # every part's text was read (plus templates and combining)
@@ -157,18 +159,18 @@ def test_long_document_usage_is_the_sum_over_every_call(long_run):
 def test_without_splitting_a_long_row_fails_alone(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    stats = run_echo("summarize", path, out, n_ctx=1024, max_tokens=16, split_long=False)
+    stats = run_echo("summarize", path, out, n_ctx=N_CTX, max_tokens=16, split_long=False)
     assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]
     error = df["error"][1]
-    assert "--n-ctx 1024" in error and "tokens" in error and "--split-long" in error
+    assert f"--n-ctx {N_CTX}" in error and "tokens" in error and "--split-long" in error
 
 
 def test_too_many_parts_fail_alone_naming_max_chunks(long_input, tmp_path):
     path, _ = long_input
     out = tmp_path / "o"
-    stats = run_echo("summarize", path, out, n_ctx=1024, max_tokens=16, max_chunks=2)
+    stats = run_echo("summarize", path, out, n_ctx=N_CTX, max_tokens=16, max_chunks=2)
     assert stats.rows_error == 1 and stats.calls == 2
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok", "error", "ok"]

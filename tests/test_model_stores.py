@@ -113,22 +113,24 @@ def test_zip_without_a_gguf_is_refused_by_name(homes, tmp_path):
         resolve_model(str(bad))
 
 
-ROWS = 10  # the issue's 10 SciTLDR abstracts, short replies: GPT4All and the server run one row at a time
+ROWS = 10  # the issue's 10 SciTLDR abstracts, short replies: the reference run (conftest's summarized_scitldr10)
+STORE_ROWS = 3  # the first rows of those through each other store: what a store changes is the model file read,
+# not the rows, so a few rows prove it (GPT4All and the server run one row at a time)
 
 
 def _summarize(run_flow, data, out, *extra, timeout: float = 600, stderr: list | None = None):
     """The options of conftest's summarized_scitldr10 (the reference), and a model of another store."""
     result = run_flow("summarize", str(data), "--out", str(out), "--max-tokens", "24", "--no-cache",
-                      "--limit", str(ROWS), *extra, timeout=timeout)
+                      "--limit", str(STORE_ROWS), *extra, timeout=timeout)
     if stderr is not None:
         stderr.append(result.stderr)
-    return _all_ok(result, out)
+    return _all_ok(result, out, STORE_ROWS)
 
 
-def _all_ok(result, out):
+def _all_ok(result, out, rows: int = ROWS):
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df.height == ROWS and df["status"].to_list() == ["ok"] * ROWS, df["error"].to_list()
+    assert df.height == rows and df["status"].to_list() == ["ok"] * rows, df["error"].to_list()
     return df
 
 
@@ -140,6 +142,7 @@ def direct(summarized_scitldr10):
 
 
 def _same_shape(df, direct) -> None:
+    direct = direct.head(df.height)
     assert df.columns == direct.columns
     assert df.select(RESULT_COLUMNS).schema == direct.select(RESULT_COLUMNS).schema
     assert all(s and s.strip() for s in df["summary"].to_list())
@@ -153,7 +156,7 @@ def test_the_same_rows_through_ollamas_store_and_a_llamafile(homes, run_flow, sc
     llamafile = _summarize(run_flow, scitldr_parquet, tmp_path / "llamafile", "--model", str(homes["llamafile"]))
     for df in (ollama, llamafile):
         _same_shape(df, direct)
-        assert df["summary"].to_list() == direct["summary"].to_list()
+        assert df["summary"].to_list() == direct["summary"].head(STORE_ROWS).to_list()
 
 
 def test_the_same_rows_through_gpt4all_from_its_folder(homes, run_flow, scitldr_parquet, tmp_path, direct):

@@ -25,6 +25,7 @@ from tokenmill.schema import load_schema
 pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
 
 SPEC = REPO / "jobs" / "restaurants.yaml"
+URL_ROWS = 2  # rows of the first two tests: the server decodes one request at a time
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def test_extraction_by_url_uses_the_servers_json_schema_and_every_row_is_valid(s
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
     out = tmp_path / "out"
-    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--limit", "4",
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--limit", str(URL_ROWS),
                       "--model", server.url, "--out", str(out), "--no-cache", "--max-tokens", "160")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df["status"].to_list() == ["ok"] * 4, df.select("row", "error")
+    assert df["status"].to_list() == ["ok"] * URL_ROWS, df.select("row", "error")
     assert (df["calls"] == 1).all()  # constrained by the server: no repair turns were needed
     schema, _ = load_schema(str(SPEC))
     for raw in df["raw_output"].to_list():
@@ -62,20 +63,20 @@ def test_summarize_by_url_without_a_tokenizer_sends_chat_messages_counted_by_the
 
     out = tmp_path / "out"
     result = run_flow("summarize", str(scitldr_parquet), "--model", server.url, "--backend-option", "tokenizer=none",
-                      "--limit", "4", "--max-tokens", "12", "--out", str(out), "--no-cache")
+                      "--limit", str(URL_ROWS), "--max-tokens", "12", "--out", str(out), "--no-cache")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet").sort("row")
-    assert df["status"].to_list() == ["ok"] * 4, df.select("row", "error")
+    assert df["status"].to_list() == ["ok"] * URL_ROWS, df.select("row", "error")
     assert all(s.strip() for s in df["summary"].to_list()) and (df["calls"] == 1).all()
     # The server rendered the same messages with the model's template: its usage counts exactly the
     # tokens of tokenmill's own rendering, counted by the model's tokenizer here.
-    local = prepare_summarize(JobConfig(input=str(scitldr_parquet), limit=4, cache=False), create_out=False)
-    rows = pl.read_parquet(scitldr_parquet).head(4).to_dicts()
+    local = prepare_summarize(JobConfig(input=str(scitldr_parquet), limit=URL_ROWS, cache=False), create_out=False)
+    rows = pl.read_parquet(scitldr_parquet).head(URL_ROWS).to_dicts()
     assert df["prompt_tokens"].to_list() == [local.model_info.count_tokens(local.render(r)) for r in rows]
     assert ((df["completion_tokens"] > 0) & (df["completion_tokens"] <= 12)).all()
-    assert server.log.read_text().count("POST /v1/chat/completions") >= 4  # the server's access log
+    assert server.log.read_text().count("POST /v1/chat/completions") >= URL_ROWS  # the server's access log
     usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
-    assert usage["prompt_tokens"] == sum(df["prompt_tokens"]) and usage["rows_ok"] == 4
+    assert usage["prompt_tokens"] == sum(df["prompt_tokens"]) and usage["rows_ok"] == URL_ROWS
     assert json.loads(usage["params"])["prompt_as"] == "messages"  # keyed apart from rendered-prompt rows
 
 

@@ -1,4 +1,4 @@
-"""flows.simulate on the real default model with a real Prefect server: 4 agents x 6 steps, a kill -9
+"""flows.simulate on the real default model with a real Prefect server: 3 agents x 4 steps, a kill -9
 mid-step and a rerun, reproducibility, a fork, a failing agent, bad specs; plus the prompt's stable prefix."""
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import yaml
 from tests.conftest import REPO, assert_one_line_error
 
 SPEC = REPO / "jobs" / "harbor.yaml"
-STEPS = 6
+STEPS = 4  # reflections at step 3 (reflect_every), checkpoints at 0, 2 and 4, a kill in the last step
+AGENTS = 3  # Mara and Tomas at the harbor, Ines at the bakery: each step is one batch of 3 calls
 LONG = 900  # seconds a model run may take on a busy 2-core machine
 
 
 def _small_spec(path: Path, edit=None) -> Path:
-    """The shipped spec cut to 4 agents and short replies, so a step takes a few seconds on 2 cores.
+    """The shipped spec cut to AGENTS agents and short replies, so a step takes a few seconds on 2 cores.
     max_tokens is left to its default: the longest reply the grammar allows, so none is cut."""
     data = yaml.safe_load(SPEC.read_text())
-    data["agents"] = data["agents"][:4]
+    data["agents"] = data["agents"][:AGENTS]
     data["steps"] = STEPS
     data["sampling"].update(temperature=0.8)  # sampled, not greedy
     data["memory"].update(max_chars=40, reflect_every=3, insights=1)
@@ -83,12 +84,12 @@ def run_b(prefect_server, spec4, tmp_path_factory):
 @SIM_MODEL
 def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
     events = pl.read_parquet(run_a / "events.parquet")
-    agents = [a["name"] for a in yaml.safe_load(SPEC.read_text())["agents"][:4]]
+    agents = [a["name"] for a in yaml.safe_load(SPEC.read_text())["agents"][:AGENTS]]
     assert sorted(zip(events["step"], events["agent"])) == sorted((s, a) for s in range(1, STEPS + 1) for a in agents)
     assert set(events["action"]) <= {"say", "move", "do", "wait"}
     calls = pl.read_parquet(run_a / "llm_calls.parquet")
     act = calls.filter(pl.col("purpose") == "act")
-    assert act.height == 4 * STEPS
+    assert act.height == AGENTS * STEPS
     assert act["status"].to_list() == ["ok"] * act.height, act.filter(pl.col("status") != "ok")["error"].to_list()
     for raw in act["raw_output"]:
         value = json.loads(raw)
@@ -100,17 +101,17 @@ def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
     assert (act["finish_reason"] == "stop").all()  # every reply ended itself, none was cut at max_tokens
     assert (events["content"].str.len_chars() <= 40).all()  # memory.max_chars, kept by the grammar
     reflect = calls.filter(pl.col("purpose") == "reflect")
-    assert sorted(set(reflect["step"])) == [3, 6] and reflect.height == 8
+    assert sorted(set(reflect["step"])) == [3] and reflect.height == AGENTS  # every 3rd step only
     assert (reflect["status"] == "ok").all(), reflect["error"].to_list()
     memories = pl.read_parquet(run_a / "memories.parquet")
     assert set(memories["kind"]) == {"initial", "observation", "reflection"}
     assert memories.filter(pl.col("kind") == "observation").group_by("step").len().height == STEPS
     assert memories.select("agent", "index").is_unique().all()
-    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4, 6]  # checkpoint_every: 2
+    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4]  # checkpoint_every: 2
     usage = pl.read_parquet(run_a / "usage.parquet")
     assert usage.height == 1 and usage["steps_committed"][0] == STEPS and usage["calls"][0] == calls.height
     text = (run_a / "transcript.md").read_text()
-    assert "## Step 1:" in text and "## Step 6:" in text and "Reflections:" in text
+    assert "## Step 1:" in text and f"## Step {STEPS}:" in text and "Reflections:" in text
 
 
 @SIM_MODEL
@@ -146,16 +147,17 @@ def test_kill_during_step_4_then_rerun_commits_each_step_exactly_once(run_b):
     out, killed_at = run_b
     assert killed_at == ["000000", "000001", "000002", "000003"]  # the kill landed in step 4
     events = pl.read_parquet(out / "events.parquet")
-    assert events.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
+    assert events.group_by("step").len().sort("step")["len"].to_list() == [AGENTS] * STEPS
     assert events.select("step", "agent").is_unique().all()
     calls = pl.read_parquet(out / "llm_calls.parquet")
     assert calls.select("step", "agent", "purpose").is_unique().all()
-    assert sorted(set(calls["step"])) == list(range(1, STEPS + 1)) and calls.height == 4 * STEPS + 8
+    assert sorted(set(calls["step"])) == list(range(1, STEPS + 1)) and calls.height == AGENTS * STEPS + AGENTS
     memories = pl.read_parquet(out / "memories.parquet")
     assert memories.select("agent", "index").is_unique().all()
     assert sorted(set(memories["step"])) == list(range(0, STEPS + 1))
-    usage = pl.read_parquet(out / "usage.parquet")  # only the rerun finished; it ran steps 4-6
-    assert usage.height == 1 and usage["steps_run"][0] == 3
+    # only the rerun finished; it ran step 4 alone, from the checkpoint of step 2 and step 3's committed rows
+    usage = pl.read_parquet(out / "usage.parquet")
+    assert usage.height == 1 and usage["steps_run"][0] == STEPS - 3 == 1
 
 
 @SIM_MODEL
@@ -180,14 +182,14 @@ def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_f
     assert result.returncode == 3, result.stderr  # finished, with failed calls
     original, fork = pl.read_parquet(run_a / "events.parquet"), pl.read_parquet(out / "events.parquet")
     assert fork.filter(pl.col("step") <= 3).equals(original.filter(pl.col("step") <= 3))
-    assert fork.group_by("step").len().sort("step")["len"].to_list() == [4] * STEPS
+    assert fork.group_by("step").len().sort("step")["len"].to_list() == [AGENTS] * STEPS
     tomas = fork.filter((pl.col("agent") == "Tomas") & (pl.col("step") >= 4))
-    assert tomas["action"].to_list() == ["wait"] * 3 and all("--n-ctx" in n for n in tomas["note"])
+    assert tomas["action"].to_list() == ["wait"] * (STEPS - 3) and all("--n-ctx" in n for n in tomas["note"])
     calls = pl.read_parquet(out / "llm_calls.parquet")
     failed = calls.filter(pl.col("status") == "error")
-    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == [4, 5, 6]
+    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == list(range(4, STEPS + 1))
     usage = pl.read_parquet(out / "usage.parquet")
-    assert usage["steps_run"].to_list() == [3]
+    assert usage["steps_run"].to_list() == [STEPS - 3]
     mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 4) & (pl.col("purpose") == "act"))
     assert (mara(calls)["prompt_tokens"].to_list() != mara(pl.read_parquet(run_a / "llm_calls.parquet"))["prompt_tokens"].to_list())
     info = json.loads((out / "run.json").read_text())
@@ -316,7 +318,7 @@ def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, r
     assert more.returncode == 0, more.stderr
     after = pl.read_parquet(run_a / "events.parquet")
     assert after.filter(pl.col("step") <= STEPS).equals(before)
-    assert after.filter(pl.col("step") == STEPS + 1).height == 4
+    assert after.filter(pl.col("step") == STEPS + 1).height == AGENTS
     other = simulate_here(str(spec4), "--out", str(run_a), "--seed", "99")
     assert_one_line_error(other, str(run_a), "--fork-from")
 
@@ -327,9 +329,9 @@ def test_a_reply_cut_at_max_tokens_makes_the_agent_wait_with_the_reason(run_flow
     result = run_flow("simulate", str(spec4), "--out", str(out), "--steps", "1", "--max-tokens", "8", timeout=LONG)
     assert result.returncode == 3, result.stderr  # finished, with failed calls
     calls = pl.read_parquet(out / "llm_calls.parquet")
-    assert calls.height == 4 and (calls["finish_reason"] == "length").all() and (calls["completion_tokens"] == 8).all()
+    assert calls.height == AGENTS and (calls["finish_reason"] == "length").all() and (calls["completion_tokens"] == 8).all()
     assert all("cut at max_tokens" in e for e in calls["error"])
     events = pl.read_parquet(out / "events.parquet")
-    assert events["action"].to_list() == ["wait"] * 4
+    assert events["action"].to_list() == ["wait"] * AGENTS
     assert all(n.startswith("error: ") and "cut at max_tokens" in n for n in events["note"])
     assert "Traceback" not in result.stderr

@@ -85,13 +85,16 @@ def dataset(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def short_dataset(tmp_path) -> Path:
+def _short_rows(path: Path) -> Path:
     """ROWS abstracts cut to their first WORDS words: what a kill test needs is rows, not long prompts."""
-    path = tmp_path / "short.parquet"
     rows = [{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(ROWS)]
     pl.DataFrame(rows).write_parquet(path)
     return path
+
+
+@pytest.fixture
+def short_dataset(tmp_path) -> Path:
+    return _short_rows(tmp_path / "short.parquet")
 
 
 def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
@@ -101,23 +104,44 @@ def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
     return results
 
 
-def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(prefect_server, short_dataset, tmp_path):
-    out = tmp_path / "out"
-    proc = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
-    _wait_for(lambda: len(_parts(out)) >= 2, proc)
-    sent = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 15
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert "Run the same command again to continue" in stderr.strip().splitlines()[-1]
-    assert _parts(out), "finished parts must be kept"
-    kept = pl.concat([pl.read_parquet(p) for p in _parts(out)])["row"].n_unique()
-    again = _finish(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
-    assert again.returncode == 0, again.stderr
-    _assert_complete(out, ROWS)
-    assert pl.read_parquet(out / "usage.parquet")["rows_generated"][-1] <= ROWS - kept
+@pytest.fixture(scope="module")
+def interrupted(prefect_server, tmp_path_factory) -> dict:
+    """One run of the short rows, three faults in turn: a second run on its folder while it runs
+    (refused), Ctrl-C once it has written parts of its own since (it stops, keeps them and says how
+    to resume), then the same command again (it finishes)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    data, out = _short_rows(tmp / "short.parquet"), tmp / "out"
+    first = _start(prefect_server, str(data), "--out", str(out), *KILLABLE)
+    try:
+        _wait_for(lambda: (out / ".tokenmill.lock").exists(), first)
+        second = _finish(prefect_server, str(data), "--out", str(out), *KILLABLE)
+        at_refusal = _rows_written(out)
+        # the first run goes on: it writes rows after the refusal (else _wait_for fails: it ended early)
+        _wait_for(lambda: len(_parts(out)) >= 2 and _rows_written(out) > at_refusal, first)
+        sent = time.monotonic()
+        os.killpg(first.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        _, stderr = first.communicate(timeout=60)
+        stopped_s = time.monotonic() - sent
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    kept = _rows_written(out)
+    again = _finish(prefect_server, str(data), "--out", str(out), *KILLABLE)
+    return {"out": out, "first": first, "stderr": stderr, "second": second, "stopped_s": stopped_s, "kept": kept,
+            "again": again}
+
+
+def test_ctrl_c_stops_quickly_keeps_parts_and_says_how_to_resume(interrupted):
+    run = interrupted
+    assert run["stopped_s"] < 15
+    assert run["first"].returncode == 130, run["stderr"]
+    assert "Traceback" not in run["stderr"]
+    assert "Run the same command again to continue" in run["stderr"].strip().splitlines()[-1]
+    assert run["kept"] > 0, "finished parts must be kept"
+    assert run["again"].returncode == 0, run["again"].stderr
+    _assert_complete(run["out"], ROWS)
+    assert pl.read_parquet(run["out"] / "usage.parquet")["rows_generated"][-1] <= ROWS - run["kept"]
 
 
 def _rows_written(out: Path) -> int:
@@ -156,17 +180,15 @@ def test_five_kills_in_a_row_lose_and_repeat_nothing(prefect_server, short_datas
     assert last["rows_resumed"] >= mid[-1] and last["rows_generated"] == ROWS - last["rows_resumed"]
 
 
-def test_a_second_run_on_the_same_folder_is_refused(prefect_server, short_dataset, tmp_path):
-    out = tmp_path / "out"
-    first = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
-    _wait_for(lambda: (out / ".tokenmill.lock").exists(), first)
-    second = _finish(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
-    assert second.returncode == 1
+def test_a_second_run_on_the_same_folder_is_refused(interrupted):
+    """The refused run changed nothing: the first went on writing rows (the fixture waits for them),
+    its Ctrl-C and resume end with every row exactly once (the test above)."""
+    second = interrupted["second"]
+    assert second.returncode == 1, second.stderr
     line = second.stderr.strip().splitlines()[-1]
-    assert "in use by another run" in line and str(first.pid) in line
-    first.communicate(timeout=600)
-    assert first.returncode == 0
-    _assert_complete(out, ROWS)
+    assert "in use by another run" in line and str(interrupted["first"].pid) in line
+    results = _assert_complete(interrupted["out"], ROWS)
+    assert results["row_key"].n_unique() == ROWS
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(dataset, tmp_path):
