@@ -29,7 +29,7 @@ from tokenmill.contract import (INDEX_FILE, PARTS_DIR, RESULTS_FILE, REUSABLE, S
 
 # Records go into a rowid table (appended in order) with a separate index of keys. The keys are
 # random hashes, so every part's records land all over that index's B-tree, and each commit
-# rewrites most of its pages: the B-tree is kept small by indexing each key's first 63 bits as an
+# rewrites most of its pages: the B-tree is kept small by indexing 63 bits of each key (its last 16 hex digits) as an
 # integer (`key_hash`; 8 bytes, not 64 characters), with the full key stored and checked on
 # every read. At a million rows this cut the index's write time to about half. A folder with
 # an index of an older form gets a new one, read from its Parquet files (`_open`).
@@ -39,8 +39,8 @@ CREATE TABLE IF NOT EXISTS records (h INTEGER NOT NULL UNIQUE, key TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Many records in one statement (`as_json` of `hashed(contract.stored_rows(...))`: [key hash, key,
-# record] triples). A record replaces a stored one unless it would turn a reusable result into
+# Many records in one statement (`bulk` of `contract.stored_rows(...)`: [key hash, key, record]
+# triples). A record replaces a stored one unless it would turn a reusable result into
 # an error (or the stored one is another key's whose hash is the same).
 _UPSERT = ("INSERT INTO records (h, key, ok, run_id, record) "
            f"SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "

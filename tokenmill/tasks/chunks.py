@@ -20,8 +20,8 @@ job is resumed from the output folder's index as before, so rows written are nev
 from __future__ import annotations
 
 import contextvars
-from collections import Counter
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 

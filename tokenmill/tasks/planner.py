@@ -181,11 +181,15 @@ class Planner:
             prompt = self.chat.one_turn(messages[0]["content"])
         else:
             prompt = self.chat.render(messages)
-        # The tokenizer adds BOS itself; a template that also writes it would double it.
+        prompt = self._without_bos(prompt)
+        return ChatPrompt(prompt, messages) if self.send_messages else prompt
+
+    def _without_bos(self, prompt: str) -> str:
+        """The tokenizer adds BOS itself; a chat template that also writes it would double it."""
         bos = self.model_info.bos_token
         if bos and self.model_info.adds_bos and prompt.startswith(bos):
-            prompt = prompt[len(bos):]
-        return ChatPrompt(prompt, messages) if self.send_messages else prompt
+            return prompt[len(bos):]
+        return prompt
 
     def render_user(self, row: dict) -> str:
         """The task template's text for one row, before the chat template wraps it."""
@@ -245,11 +249,9 @@ class Planner:
             columns.append(chunk.get_column(column).to_list())
         head, tail = frame
         bos = self.model_info.bos_token
-        if bos and self.model_info.adds_bos:  # as _chat: the tokenizer adds BOS itself
-            if len(head) < len(bos):
-                return None  # whether the prompt starts with BOS depends on the row
-            if head.startswith(bos):
-                head = head[len(bos):]
+        if bos and self.model_info.adds_bos and len(head) < len(bos):
+            return None  # whether a prompt starts with BOS would depend on its row
+        head = self._without_bos(head)  # (as _chat cuts it)
         return [None if text is None else head + text.strip() + tail
                 for text in fast.render_columns(columns, chunk.height)]
 

@@ -127,8 +127,8 @@ class Job(Planner):
             on_rows: Callable[[dict], None] | None = None, stop=None, pending_id: PendingRunId | None = None
             ) -> RunStats:
         """Generate every row not already done, writing parts as they finish; merge; record usage.
-        `rows` gates the planned rows (tasks/chunks.py); `on_rows` sees the columns of every
-        written part of results rows (`row` and `status` among them);
+        `rows` gates the planned rows (tasks/chunks.py); `on_rows` gets the rows finished since
+        its last call, as columns `row` and `status`;
         `stop` (a threading.Event) ends the run as Ctrl-C would; `pending_id`: the run's id
         comes later (tasks/sink.py), rows are written once it has."""
         stats = RunStats(model=self.model_info.name, model_sha256=self.model_sha, backend=self.backend.name,

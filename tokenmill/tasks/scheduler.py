@@ -102,7 +102,7 @@ class Scheduler:
                     exhausted = True
                     break
                 if item is WAIT:  # nothing to admit now: see what the worker has finished
-                    self.sink.flush_if_due()  # (a chunk task waits for its rows to be written)
+                    self.sink.flush_if_due()  # (a chunk task waits for its rows to be counted)
                     break
                 self._admit(*item)
             if exhausted and not worker.in_flight:
