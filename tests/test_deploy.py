@@ -2,7 +2,8 @@
 
 One `prefect server start` on loopback (its own PREFECT_HOME, SQLite, a free port) and one
 `python -m flows.deploy` serving two job specs for the whole module; runs are triggered with
-run_deployment and run the real model on two or three rows of 8 tokens. Everything this module
+run_deployment and run the real model on one to three rows of 8 tokens (four flow runs in all:
+three triggered together, then the nightly glob's second night). Everything this module
 starts carries its PREFECT_HOME in its environment, and teardown checks that nothing carrying
 it is left running.
 """
@@ -213,12 +214,23 @@ def test_deployments_are_served_with_their_schedule_and_the_model_limit(stack):
     assert limit.limit == 1 and limit.active
 
 
-def test_a_triggered_run_completes_with_results_and_its_run_table_artifact(stack):
+@pytest.fixture(scope="module")
+def together(stack):
+    """Three runs triggered at once: two of `nightly` (one into its own folder, the other into a second
+    folder, so both have rows to generate) and one of `other`; their final flow runs once all are final."""
+    ws = stack["ws"]
+    runs = [_trigger(stack, "summarize/nightly", wait=False),
+            _trigger(stack, "summarize/nightly", [f"out={ws / 'out' / 'n2'}"], wait=False),
+            _trigger(stack, "summarize/other", ["limit=1"], wait=False)]
+    return [_wait_until(lambda r=r: f if (f := _flow_run(stack, r.id)).state.is_final() else None, 600,
+                        f"flow run {r.id}") for r in runs]
+
+
+def test_a_triggered_run_completes_with_results_and_its_run_table_artifact(stack, together):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    run = _trigger(stack, "summarize/nightly")
+    run = together[0]  # the first nightly run, into the spec's own folder
     assert run.state.is_completed(), (run.state, stack["serve_log"].read_text()[-3000:])
-    assert _flow_run(stack, run.id).state_type.value == "COMPLETED"  # as the server has it
     out = stack["ws"] / "out" / "nightly"
     results = pl.read_parquet(out / "results.parquet")
     assert results["id"].to_list() == ["a01", "a02"] and results["status"].to_list() == ["ok", "ok"]
@@ -233,7 +245,7 @@ def test_a_triggered_run_completes_with_results_and_its_run_table_artifact(stack
     assert "| rows_total | 2 |" in tables[0].data and "| rows_generated | 2 |" in tables[0].data
 
 
-def test_nightly_glob_second_run_generates_only_the_new_files_rows(stack):
+def test_nightly_glob_second_run_generates_only_the_new_files_rows(stack, together):
     out = stack["ws"] / "out" / "nightly"
     assert (out / "usage.parquet").exists(), "needs the first run (previous test)"
     _articles(["a03"]).write_csv(stack["ws"] / "inbox" / "b.csv")  # the new file of the night
@@ -255,15 +267,9 @@ def test_nightly_glob_second_run_generates_only_the_new_files_rows(stack):
         assert run_id[:8] in stats.stdout
 
 
-def test_runs_triggered_together_run_one_after_the_other(stack):
-    ws = stack["ws"]
-    # two runs of one deployment (each into its own folder, so both have rows to generate) and one of another
-    runs = [_trigger(stack, "summarize/nightly", [f"out={ws / 'out' / 'n1'}"], wait=False),
-            _trigger(stack, "summarize/nightly", [f"out={ws / 'out' / 'n2'}"], wait=False),
-            _trigger(stack, "summarize/other", wait=False)]
-    final = [_wait_until(lambda r=r: f if (f := _flow_run(stack, r.id)).state.is_final() else None, 600,
-                         f"flow run {r.id}") for r in runs]
-    timeline = _timeline(stack, [r.id for r in runs])
+def test_runs_triggered_together_run_one_after_the_other(stack, together):
+    ws, final = stack["ws"], together
+    timeline = _timeline(stack, [f.id for f in final])
     assert [f.state_type.value for f in final] == ["COMPLETED"] * 3, (timeline, stack["serve_log"].read_text()[-3000:])
     # one deployment: its runs do not overlap at all (the second waited for the deployment's slot)
     first, second = sorted(final[:2], key=lambda f: f.start_time)
@@ -271,8 +277,8 @@ def test_runs_triggered_together_run_one_after_the_other(stack):
     assert "AwaitingConcurrencySlot" in _states(stack, second.id), timeline
     # every model-heavy run: their model work does not overlap (the global limit tokenmill-model)
     spans = []
-    for folder, rows in [("n1", 3), ("n2", 3), ("other", 2)]:  # inbox/ holds a.csv and b.csv by now
-        row = pl.read_parquet(ws / "out" / folder / "usage.parquet").row(-1, named=True)
+    for folder, rows in [("nightly", 2), ("n2", 2), ("other", 1)]:  # inbox/ held a.csv only then
+        row = pl.read_parquet(ws / "out" / folder / "usage.parquet").row(0, named=True)
         assert row["rows_generated"] == rows, (folder, row)
         spans.append((row["started_at"], row["ended_at"]))
     spans.sort()

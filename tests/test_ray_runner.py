@@ -14,7 +14,7 @@ from tests.conftest import REPO, scitldr_rows
 
 pytest.importorskip("prefect_ray", reason="--runner ray needs prefect[ray]")
 
-ROWS = 6
+ROWS = 4  # two per worker
 FAST = ["--max-tokens", "8", "--n-ctx", "1024", "--n-seq", "2", "--no-cache", "--no-progress"]
 
 
@@ -26,17 +26,20 @@ def _run(prefect_server, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_summarize_on_a_local_ray_cluster_matches_the_local_runner(prefect_server, tmp_path):
-    data = tmp_path / "in.parquet"
+    data, out = tmp_path / "in.parquet", tmp_path / "ray"
     pl.DataFrame(scitldr_rows(ROWS)).write_parquet(data)
-    local = _run(prefect_server, str(data), "--out", str(tmp_path / "local"))
-    assert local.returncode == 0, local.stderr
-    ray = _run(prefect_server, str(data), "--out", str(tmp_path / "ray"), "--runner", "ray", "--workers", "2")
+    ray = _run(prefect_server, str(data), "--out", str(out), "--runner", "ray", "--workers", "2")
     assert ray.returncode == 0, ray.stderr
-    a, b = (pl.read_parquet(tmp_path / d / "results.parquet") for d in ("local", "ray"))
+    b = pl.read_parquet(out / "results.parquet")
     assert b["row"].to_list() == list(range(ROWS)) and b["status"].to_list() == ["ok"] * ROWS
-    assert b["row_key"].to_list() == a["row_key"].to_list()
-    assert sorted(p.name for p in (tmp_path / "ray").glob("*.parquet")) == ["results.parquet", "usage.parquet"]
-    usage = pl.read_parquet(tmp_path / "ray" / "usage.parquet")
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["results.parquet", "usage.parquet"]
+    usage = pl.read_parquet(out / "usage.parquet")
     assert usage["device"][-1] == "ray: 2 workers on a local Ray cluster"
-    again = _run(prefect_server, str(data), "--out", str(tmp_path / "ray"), "--runner", "ray", "--workers", "2")
-    assert again.returncode == 0 and "nothing to generate" in again.stderr  # resume, as a local run would
+    # the local runner, on the same folder, plans the very rows Ray wrote (the same row keys): it
+    # reuses every one and generates nothing, as on a resume of its own run
+    local = _run(prefect_server, str(data), "--out", str(out))
+    assert local.returncode == 0, local.stderr
+    assert f"0 generated, {ROWS} reused" in local.stderr and "nothing to generate" in local.stderr
+    after = pl.read_parquet(out / "results.parquet")
+    assert after.select("row", "row_key", "summary").equals(b.select("row", "row_key", "summary"))
+    assert pl.read_parquet(out / "usage.parquet")["rows_resumed"].to_list()[-1] == ROWS

@@ -1,5 +1,6 @@
-"""flows.simulate on the real default model with a real Prefect server: 3 agents x 4 steps, a kill -9
-mid-step and a rerun, reproducibility, a fork, a failing agent, bad specs; plus the prompt's stable prefix."""
+"""flows.simulate on the real default model with a real Prefect server: 2 agents x 3 steps, a kill -9
+mid-step and a rerun that also appends a step, reproducibility, a fork with a failing agent and replies
+cut at max_tokens, bad specs; plus the prompt's stable prefix."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import yaml
 from tests.conftest import REPO, assert_one_line_error
 
 SPEC = REPO / "jobs" / "harbor.yaml"
-STEPS = 4  # reflections at step 3 (reflect_every), checkpoints at 0, 2 and 4, a kill in the last step
-AGENTS = 3  # Mara and Tomas at the harbor, Ines at the bakery: each step is one batch of 3 calls
+STEPS = 3  # reflections at step 2 (reflect_every), checkpoints at 0, 2 and 3 (the last), a kill in the last step
+AGENTS = 2  # Mara and Tomas at the harbor: each step is one batch of 2 calls
+MAX_CHARS = 20  # memory.max_chars: short replies (the grammar's bound on content) keep a step to a few seconds
 LONG = 900  # seconds a model run may take on a busy 2-core machine
 
 
@@ -31,7 +33,7 @@ def _small_spec(path: Path, edit=None) -> Path:
     data["agents"] = data["agents"][:AGENTS]
     data["steps"] = STEPS
     data["sampling"].update(temperature=0.8)  # sampled, not greedy
-    data["memory"].update(max_chars=40, reflect_every=3, insights=1)
+    data["memory"].update(max_chars=MAX_CHARS, reflect_every=2, insights=1)
     data["model"]["n_ctx"] = 1024
     if edit:
         edit(data)
@@ -63,20 +65,22 @@ def _env(prefect_server, cache: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def run_b(prefect_server, spec4, tmp_path_factory):
-    """The same spec and seed again, killed with SIGKILL during step 4, then the same command once more."""
+    """The same spec and seed again, killed with SIGKILL during step 3 (the last), then the same command
+    with --steps 4: it finishes the killed step and appends one more."""
     out = tmp_path_factory.mktemp("sim") / "b"
     cmd = [sys.executable, "-m", "flows.simulate", str(spec4), "--out", str(out), "--no-progress"]
     env = _env(prefect_server, tmp_path_factory.mktemp("cache"))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + LONG
-    while not (out / "steps" / "000003").is_dir():
+    while not (out / "steps" / f"{STEPS - 1:06d}").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "step 3 never committed"
+        assert time.monotonic() < deadline, f"step {STEPS - 1} never committed"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # step 4 has just started: its model calls are in flight
+    os.kill(proc.pid, signal.SIGKILL)  # step 3 has just started: its model calls are in flight
     proc.wait(30)
     killed_at = sorted(p.name for p in (out / "steps").iterdir())
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LONG)
+    rerun = subprocess.run([*cmd, "--steps", str(STEPS + 1)], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=LONG)
     assert rerun.returncode == 0, rerun.stderr
     return out, killed_at
 
@@ -99,15 +103,15 @@ def test_every_agent_acts_at_every_step_and_every_action_parses(run_a):
                       act.sort("step", "agent")["raw_output"]):
         assert e["importance"] == json.loads(raw)["importance"]
     assert (act["finish_reason"] == "stop").all()  # every reply ended itself, none was cut at max_tokens
-    assert (events["content"].str.len_chars() <= 40).all()  # memory.max_chars, kept by the grammar
+    assert (events["content"].str.len_chars() <= MAX_CHARS).all()  # memory.max_chars, kept by the grammar
     reflect = calls.filter(pl.col("purpose") == "reflect")
-    assert sorted(set(reflect["step"])) == [3] and reflect.height == AGENTS  # every 3rd step only
+    assert sorted(set(reflect["step"])) == [2] and reflect.height == AGENTS  # every 2nd step only
     assert (reflect["status"] == "ok").all(), reflect["error"].to_list()
     memories = pl.read_parquet(run_a / "memories.parquet")
     assert set(memories["kind"]) == {"initial", "observation", "reflection"}
     assert memories.filter(pl.col("kind") == "observation").group_by("step").len().height == STEPS
     assert memories.select("agent", "index").is_unique().all()
-    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 4]  # checkpoint_every: 2
+    assert sorted(set(pl.read_parquet(run_a / "agents.parquet")["step"])) == [0, 2, 3]  # checkpoint_every: 2, and the last
     usage = pl.read_parquet(run_a / "usage.parquet")
     assert usage.height == 1 and usage["steps_committed"][0] == STEPS and usage["calls"][0] == calls.height
     text = (run_a / "transcript.md").read_text()
@@ -143,57 +147,70 @@ def test_prefect_recorded_a_task_run_per_step(run_a, prefect_server):
 
 
 @SIM_MODEL
-def test_kill_during_step_4_then_rerun_commits_each_step_exactly_once(run_b):
+def test_kill_during_step_3_then_rerun_commits_each_step_exactly_once_and_more_steps_extend_it(run_b):
     out, killed_at = run_b
-    assert killed_at == ["000000", "000001", "000002", "000003"]  # the kill landed in step 4
+    assert killed_at == ["000000", "000001", "000002"]  # the kill landed in step 3
     events = pl.read_parquet(out / "events.parquet")
-    assert events.group_by("step").len().sort("step")["len"].to_list() == [AGENTS] * STEPS
+    assert events.group_by("step").len().sort("step")["len"].to_list() == [AGENTS] * (STEPS + 1)
     assert events.select("step", "agent").is_unique().all()
     calls = pl.read_parquet(out / "llm_calls.parquet")
     assert calls.select("step", "agent", "purpose").is_unique().all()
-    assert sorted(set(calls["step"])) == list(range(1, STEPS + 1)) and calls.height == AGENTS * STEPS + AGENTS
+    # an act call per agent and step, and reflections at steps 2 and 4 (reflect_every: 2)
+    assert sorted(set(calls["step"])) == list(range(1, STEPS + 2)) and calls.height == AGENTS * (STEPS + 1) + 2 * AGENTS
+    assert sorted(set(calls.filter(pl.col("purpose") == "reflect")["step"])) == [2, 4]
     memories = pl.read_parquet(out / "memories.parquet")
     assert memories.select("agent", "index").is_unique().all()
-    assert sorted(set(memories["step"])) == list(range(0, STEPS + 1))
-    # only the rerun finished; it ran step 4 alone, from the checkpoint of step 2 and step 3's committed rows
+    assert sorted(set(memories["step"])) == list(range(0, STEPS + 2))
+    # only the rerun finished; it ran step 3 (from step 2's committed rows, its reflections among them) and step 4
     usage = pl.read_parquet(out / "usage.parquet")
-    assert usage.height == 1 and usage["steps_run"][0] == STEPS - 3 == 1
+    assert usage.height == 1 and usage["steps_run"][0] == 2 and usage["steps_committed"][0] == STEPS + 1
 
 
 @SIM_MODEL
 def test_same_spec_and_seed_give_identical_events(run_a, run_b):
-    """Sampled at temperature 0.8, with run B killed and resumed in a fresh model worker."""
+    """Sampled at temperature 0.8, with run B killed and resumed in a fresh model worker (and then
+    run one step further, which changes nothing before it)."""
+    upto = pl.col("step") <= STEPS
     a = pl.read_parquet(run_a / "events.parquet")
     b = pl.read_parquet(run_b[0] / "events.parquet")
-    assert a.equals(b)
-    assert pl.read_parquet(run_a / "memories.parquet").equals(pl.read_parquet(run_b[0] / "memories.parquet"))
+    assert a.height == AGENTS * STEPS and a.equals(b.filter(upto))
+    assert pl.read_parquet(run_a / "memories.parquet").equals(pl.read_parquet(run_b[0] / "memories.parquet").filter(upto))
 
 
 @SIM_MODEL
-def test_fork_from_3_keeps_steps_1_to_3_and_generates_the_rest_anew(run_a, run_flow, tmp_path):
-    """The what-if spec edits Mara's persona and gives Tomas a persona too long for the context:
-    from step 4 on Mara acts on her new persona, and Tomas's calls fail, so he waits, with the reason."""
+def test_fork_from_2_keeps_steps_1_to_2_and_generates_the_rest_anew(run_a, run_flow, tmp_path):
+    """The what-if spec edits Mara's persona and gives Tomas a persona too long for the context, and
+    the fork runs with --max-tokens 8: from step 3 on Mara's prompts carry her new persona and her
+    replies are cut at max_tokens, Tomas's calls fail on the context; both wait, with the reason."""
     def edit(data):
         data["agents"][0]["persona"] = "the harbor master, who secretly took the crates herself and now fears that Pim saw her on the dock at night"
         data["agents"][1]["persona"] = "a fisherman. " + "He talks about fish all day long. " * 200
     spec = _small_spec(tmp_path / "whatif.yaml", edit)
     out = tmp_path / "fork"
-    result = run_flow("simulate", str(spec), "--fork-from", "3", "--from", str(run_a), "--out", str(out), timeout=LONG)
+    result = run_flow("simulate", str(spec), "--fork-from", "2", "--from", str(run_a), "--out", str(out),
+                      "--max-tokens", "8", timeout=LONG)
     assert result.returncode == 3, result.stderr  # finished, with failed calls
+    assert "Traceback" not in result.stderr
     original, fork = pl.read_parquet(run_a / "events.parquet"), pl.read_parquet(out / "events.parquet")
-    assert fork.filter(pl.col("step") <= 3).equals(original.filter(pl.col("step") <= 3))
+    assert fork.filter(pl.col("step") <= 2).equals(original.filter(pl.col("step") <= 2))
     assert fork.group_by("step").len().sort("step")["len"].to_list() == [AGENTS] * STEPS
-    tomas = fork.filter((pl.col("agent") == "Tomas") & (pl.col("step") >= 4))
-    assert tomas["action"].to_list() == ["wait"] * (STEPS - 3) and all("--n-ctx" in n for n in tomas["note"])
+    new = fork.filter(pl.col("step") >= 3).sort("step")
+    tomas, mara_events = (new.filter(pl.col("agent") == name) for name in ("Tomas", "Mara"))
+    assert tomas["action"].to_list() == ["wait"] * (STEPS - 2) and all("--n-ctx" in n for n in tomas["note"])
+    assert mara_events["action"].to_list() == ["wait"] * (STEPS - 2)
+    assert all(n.startswith("error: ") and "cut at max_tokens" in n for n in mara_events["note"])
     calls = pl.read_parquet(out / "llm_calls.parquet")
     failed = calls.filter(pl.col("status") == "error")
-    assert set(failed["agent"]) == {"Tomas"} and sorted(set(failed["step"])) == list(range(4, STEPS + 1))
+    assert set(failed["agent"]) == {"Tomas", "Mara"} and sorted(set(failed["step"])) == list(range(3, STEPS + 1))
+    mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 3) & (pl.col("purpose") == "act"))
+    cut = mara(calls)
+    assert (cut["finish_reason"] == "length").all() and (cut["completion_tokens"] == 8).all()
+    assert all("cut at max_tokens" in e for e in cut["error"])
+    assert cut["prompt_tokens"].to_list() != mara(pl.read_parquet(run_a / "llm_calls.parquet"))["prompt_tokens"].to_list()
     usage = pl.read_parquet(out / "usage.parquet")
-    assert usage["steps_run"].to_list() == [STEPS - 3]
-    mara = lambda df: df.filter((pl.col("agent") == "Mara") & (pl.col("step") >= 4) & (pl.col("purpose") == "act"))
-    assert (mara(calls)["prompt_tokens"].to_list() != mara(pl.read_parquet(run_a / "llm_calls.parquet"))["prompt_tokens"].to_list())
+    assert usage["steps_run"].to_list() == [STEPS - 2]
     info = json.loads((out / "run.json").read_text())
-    assert info["fork_step"] == 3 and info["forked_from"] == str(run_a)
+    assert info["fork_step"] == 2 and info["forked_from"] == str(run_a)
 
 
 @pytest.fixture
@@ -308,30 +325,14 @@ def test_each_agents_prompt_is_its_previous_prompt_and_reply_plus_one_turn_and_r
 
 
 @SIM_MODEL
-def test_rerunning_a_finished_run_adds_nothing_and_more_steps_extend_it(run_a, run_flow, simulate_here, spec4):
+def test_rerunning_a_finished_run_adds_nothing(run_a, run_flow, simulate_here, spec4):
+    """(Appending steps to a run is the rerun of run B, with --steps 4.)"""
     before = pl.read_parquet(run_a / "events.parquet")
+    usage = pl.read_parquet(run_a / "usage.parquet")
     again = run_flow("simulate", str(spec4), "--out", str(run_a))
     assert again.returncode == 0, again.stderr  # nothing ran, so nothing failed
     assert "nothing to run" in again.stderr
     assert pl.read_parquet(run_a / "events.parquet").equals(before)
-    more = run_flow("simulate", str(spec4), "--out", str(run_a), "--steps", str(STEPS + 1), timeout=LONG)
-    assert more.returncode == 0, more.stderr
-    after = pl.read_parquet(run_a / "events.parquet")
-    assert after.filter(pl.col("step") <= STEPS).equals(before)
-    assert after.filter(pl.col("step") == STEPS + 1).height == AGENTS
+    assert pl.read_parquet(run_a / "usage.parquet").equals(usage)
     other = simulate_here(str(spec4), "--out", str(run_a), "--seed", "99")
     assert_one_line_error(other, str(run_a), "--fork-from")
-
-
-@SIM_MODEL
-def test_a_reply_cut_at_max_tokens_makes_the_agent_wait_with_the_reason(run_flow, spec4, tmp_path):
-    out = tmp_path / "cut"
-    result = run_flow("simulate", str(spec4), "--out", str(out), "--steps", "1", "--max-tokens", "8", timeout=LONG)
-    assert result.returncode == 3, result.stderr  # finished, with failed calls
-    calls = pl.read_parquet(out / "llm_calls.parquet")
-    assert calls.height == AGENTS and (calls["finish_reason"] == "length").all() and (calls["completion_tokens"] == 8).all()
-    assert all("cut at max_tokens" in e for e in calls["error"])
-    events = pl.read_parquet(out / "events.parquet")
-    assert events["action"].to_list() == ["wait"] * AGENTS
-    assert all(n.startswith("error: ") and "cut at max_tokens" in n for n in events["note"])
-    assert "Traceback" not in result.stderr

@@ -4,12 +4,16 @@ temporary server that does not come up is one line saying what to do."""
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from tests.conftest import REPO, assert_one_line_error, processes_with_home
 
@@ -39,22 +43,23 @@ def test_bad_input_is_refused_before_prefect_starts(tmp_path):
     assert not _prefect_started(home)
 
 
-def test_rerun_with_nothing_to_do_finishes_without_prefect(run_flow, tmp_path):
+# the command of temporary_server_run: 3 rows on the echo backend (orchestration only, no model)
+ECHO3 = ["flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "3", "--backend", "echo", "--no-cache"]
+
+
+def test_rerun_with_nothing_to_do_finishes_without_prefect(temporary_server_run, tmp_path):
     out = tmp_path / "out"
-    first = run_flow("summarize", str(REPO / "data" / "articles.csv"), "--limit", "2", "--max-tokens", "8",
-                     "--no-cache", "--out", str(out))
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(temporary_server_run["out"], out)  # a finished run (its first run had a temporary server)
     before = pl.read_parquet(out / "results.parquet")
     home = tmp_path / "prefect-home"
-    again = _run_without_server(home, "flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "2",
-                                "--max-tokens", "8", "--no-cache", "--out", str(out))
+    again = _run_without_server(home, *ECHO3, "--out", str(out))
     assert again.returncode == 0, again.stderr
-    assert "0 generated, 2 reused" in again.stderr and "no Prefect flow run" in again.stderr
+    assert "0 generated, 3 reused" in again.stderr and "no Prefect flow run" in again.stderr
     assert not _prefect_started(home)
     after = pl.read_parquet(out / "results.parquet")
-    assert after.select("row", "row_key", "summary").equals(before.select("row", "row_key", "summary"))
+    assert after.select("row", "row_key", "summary", "run_id").equals(before.select("row", "row_key", "summary", "run_id"))
     usage = pl.read_parquet(out / "usage.parquet")
-    assert usage.height == 2 and usage["rows_generated"].to_list() == [2, 0] and usage["rows_resumed"][-1] == 2
+    assert usage.height == 2 and usage["rows_generated"].to_list() == [3, 0] and usage["rows_resumed"][-1] == 3
 
 
 def test_prefect_server_that_does_not_start_is_one_line_saying_what_to_do(tmp_path):
@@ -65,15 +70,11 @@ def test_prefect_server_that_does_not_start_is_one_line_saying_what_to_do(tmp_pa
     assert_one_line_error(result, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL")
 
 
-def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp_path):
-    """No PREFECT_API_URL: the command starts Prefect's server itself (flows/_prefect_server.py),
-    its flow run is in that server's database under the run's id, and the server is gone when
-    the command is."""
-    import sqlite3
-
-    import threading
-
-    home, out = tmp_path / "prefect-home", tmp_path / "out"
+@pytest.fixture(scope="module")
+def temporary_server_run(tmp_path_factory):
+    """ECHO3 with no PREFECT_API_URL, watched: the most uvicorn processes under its PREFECT_HOME alive at once."""
+    tmp = tmp_path_factory.mktemp("temporary-server")
+    home, out = tmp / "prefect-home", tmp / "out"
     at_once: list[int] = [0]  # the most uvicorn processes under this PREFECT_HOME seen alive at one time
     done = threading.Event()
 
@@ -91,13 +92,21 @@ def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(tmp
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        result = _run_without_server(home, "flows.summarize", str(REPO / "data" / "articles.csv"), "--limit", "3",
-                                     "--backend", "echo", "--no-cache", "--out", str(out))
+        result = _run_without_server(home, *ECHO3, "--out", str(out))
     finally:
         done.set()
         watcher.join()
+    return {"result": result, "home": home, "out": out, "at_once": at_once[0]}
+
+
+def test_the_temporary_server_records_the_flow_run_and_ends_with_the_command(temporary_server_run):
+    """No PREFECT_API_URL: the command starts Prefect's server itself (flows/_prefect_server.py),
+    its flow run is in that server's database under the run's id, and the server is gone when
+    the command is."""
+    result, home, out = (temporary_server_run[k] for k in ("result", "home", "out"))
     assert result.returncode == 0, result.stderr
-    assert at_once[0] == 1, f"expected one temporary server at a time, saw {at_once[0]}"
+    at_once = temporary_server_run["at_once"]
+    assert at_once == 1, f"expected one temporary server at a time, saw {at_once}"
     run_id = pl.read_parquet(out / "usage.parquet")["run_id"][0]
     assert set(pl.read_parquet(out / "results.parquet")["run_id"]) == {run_id}
     (database,) = home.rglob("*.db")
