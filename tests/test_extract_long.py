@@ -1,4 +1,4 @@
-"""--split-long for extract: a document several times longer than --n-ctx, fields in different parts."""
+"""--split-long for extract: a document too long for one prompt, fields in different parts."""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ PASSAGES = [
 
 N_CTX = 512  # leaves about 90 tokens of text a part: SmolLM2-135M reads a short part, and answers its
 # prior (restaurant, Chinese, cheap, low, city centre) for a passage buried in 350 tokens of filler
+MAX_TOKENS = 160
+FILLERS_BETWEEN = 3  # ~170 tokens: more text than a part holds (~100 tokens), so each passage has its own part
 
 
-def long_document(fillers_between: int = 14) -> str:
+def long_document(fillers_between: int = FILLERS_BETWEEN) -> str:
     """The passages with fillers between them (none after the last: parts of filler alone add calls,
-    not proof); about 1,700 tokens, over three times N_CTX."""
+    not proof); about 420 tokens, in six parts."""
     blocks = []
     for passage in PASSAGES:
         if blocks:
@@ -86,7 +88,7 @@ def long_run(run_flow, tmp_path_factory):
     text = long_document()
     pl.DataFrame({"id": ["doc"], "text": [text]}).write_parquet(tmp / "long.parquet")
     out = tmp / "out"
-    args = [str(tmp / "long.parquet"), "--schema", str(SPEC), "--n-ctx", str(N_CTX), "--max-tokens", "160",
+    args = [str(tmp / "long.parquet"), "--schema", str(SPEC), "--n-ctx", str(N_CTX), "--max-tokens", str(MAX_TOKENS),
             "--id-column", "id", "--out", str(out), "--no-cache"]
     result = run_flow("extract", *args, "--split-long")  # the default merge rule: evidence
     return text, result, out, tmp
@@ -95,7 +97,7 @@ def long_run(run_flow, tmp_path_factory):
 def test_without_split_long_the_long_document_fails_alone_with_a_hint(long_run):
     """Refused before any generation, so on the zero-cost backend in this process."""
     _text, _result, _out, tmp = long_run
-    stats = run_echo("extract", tmp / "long.parquet", tmp / "refused", schema=str(SPEC), n_ctx=N_CTX, max_tokens=160,
+    stats = run_echo("extract", tmp / "long.parquet", tmp / "refused", schema=str(SPEC), n_ctx=N_CTX, max_tokens=MAX_TOKENS,
                      id_column="id", split_long=False)
     df = pl.read_parquet(tmp / "refused" / "results.parquet")
     assert stats.rows_error == 1 and stats.calls == 0 and df["status"].to_list() == ["error"]
@@ -103,17 +105,26 @@ def test_without_split_long_the_long_document_fails_alone_with_a_hint(long_run):
 
 
 def test_split_long_extracts_each_part_and_merges_fields_from_different_parts(long_run):
-    text, result, out, _tmp = long_run
+    text, result, out, tmp = long_run
     from tokenmill.models.gguf_info import ModelInfo
     from tokenmill.models.resolve import default_model_path
+    from tokenmill.tasks.extract import prepare_extract
+    from tokenmill.tasks.longdoc import split_parts
+    from tokenmill.tasks.runner import JobConfig
 
     info = ModelInfo(default_model_path())
-    assert info.count_text_tokens(text) > 3 * N_CTX  # several times --n-ctx
-    # the fillers between two passages alone outgrow --n-ctx: each passage lands in a different part
-    assert info.count_text_tokens("\n\n".join([FILLER] * 14)) > N_CTX
+    # the premise: the split the run makes (the same function, template and limits) puts each passage
+    # in a part of its own, among parts of filler
+    job = prepare_extract(JobConfig(input=str(tmp / "long.parquet"), schema=str(SPEC), n_ctx=N_CTX,
+                                    max_tokens=MAX_TOKENS, id_column="id", split_long=True, backend="echo"),
+                          create_out=False)
+    pairs = split_parts(text, lambda piece: job.render({"id": "doc", "text": piece}), info.count_tokens,
+                        info.count_text_tokens, N_CTX - MAX_TOKENS, 64, N_CTX)
+    where = [[i for i, (piece, _prompt) in enumerate(pairs) if passage in piece] for passage in PASSAGES]
+    assert all(len(w) == 1 for w in where) and len({w[0] for w in where}) == 3 and len(pairs) > 3, where
     assert result.returncode == 0, result.stderr
     row = pl.read_parquet(out / "results.parquet").row(0, named=True)
-    assert row["status"] == "ok" and row["chunks"] >= 4 and row["calls"] == row["chunks"], row
+    assert row["status"] == "ok" and row["chunks"] == len(pairs) and row["calls"] == row["chunks"], row
     got = row["extracted"]
     assert got["name"] == "The Wrestlers", got  # every part names it
     # Fields that only one later section's part states reach the merged object. Under `first` part 1's

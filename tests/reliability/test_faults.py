@@ -85,9 +85,9 @@ def dataset(tmp_path) -> Path:
     return path
 
 
-def _short_rows(path: Path) -> Path:
-    """ROWS abstracts cut to their first WORDS words: what a kill test needs is rows, not long prompts."""
-    rows = [{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(ROWS)]
+def _short_rows(path: Path, n: int = ROWS) -> Path:
+    """n abstracts cut to their first WORDS words: what a kill test needs is rows, not long prompts."""
+    rows = [{**r, "text": " ".join(r["text"].split()[:WORDS])} for r in scitldr_rows(n)]
     pl.DataFrame(rows).write_parquet(path)
     return path
 
@@ -95,6 +95,14 @@ def _short_rows(path: Path) -> Path:
 @pytest.fixture
 def short_dataset(tmp_path) -> Path:
     return _short_rows(tmp_path / "short.parquet")
+
+
+WORKER_ROWS = 8  # a worker fault after the first part of 2 rows still finds 6 rows to retry
+
+
+@pytest.fixture
+def worker_dataset(tmp_path) -> Path:
+    return _short_rows(tmp_path / "worker.parquet", WORKER_ROWS)
 
 
 def _assert_complete(out: Path, rows: int) -> pl.DataFrame:
@@ -212,14 +220,14 @@ def test_a_lock_left_by_a_killed_run_does_not_block(dataset, tmp_path):
     assert not (out / ".tokenmill.lock").exists()
 
 
-def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, short_dataset, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_rows_retried(prefect_server, worker_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(short_dataset), "--out", str(out), *KILLABLE)
+    proc = _start(prefect_server, str(worker_dataset), "--out", str(out), *KILLABLE)
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     os.kill(_worker_pid(proc.pid), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    _assert_complete(out, ROWS)
+    _assert_complete(out, WORKER_ROWS)
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
 
 
@@ -243,15 +251,15 @@ def test_a_worker_does_not_outlive_its_killed_run(prefect_server, short_dataset,
         os.killpg(proc.pid, signal.SIGKILL)  # whatever else the run started
 
 
-def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, short_dataset, tmp_path):
+def test_a_hung_worker_is_treated_like_a_dead_one(prefect_server, worker_dataset, tmp_path):
     out = tmp_path / "out"
-    proc = _start(prefect_server, str(short_dataset), "--out", str(out), "--worker-timeout", "5", *KILLABLE)
+    proc = _start(prefect_server, str(worker_dataset), "--out", str(out), "--worker-timeout", "3", *KILLABLE)
     _wait_for(lambda: len(_parts(out)) >= 1 and _worker_pid(proc.pid) is not None, proc)
     hung = _worker_pid(proc.pid)
     os.kill(hung, signal.SIGSTOP)  # alive but silent: no token ever comes
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    _assert_complete(out, ROWS)
+    _assert_complete(out, WORKER_ROWS)
     assert pl.read_parquet(out / "usage.parquet")["worker_restarts"][-1] >= 1
     assert not Path(f"/proc/{hung}").exists() or "Z" in Path(f"/proc/{hung}/stat").read_text().split()[2]
 
