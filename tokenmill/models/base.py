@@ -77,6 +77,9 @@ class ModelSettings:
     n_seq: int = 0  # parallel sequence slots; 0 lets the backend choose
     n_batch: int = 512
     n_threads: int = 0  # 0: default_threads()
+    # llama on CPU: use fewer than n_threads while other programs keep cores busy, and n_threads
+    # again once they stop (models/machine.py CoreWatch); for thread counts tokenmill chose itself
+    adapt_threads: bool = False
     n_gpu_layers: int = -1  # -1: all layers when the build can offload, else 0
     main_gpu: int = 0
     split_mode: str = "layer"  # none | layer | row

@@ -29,6 +29,7 @@ from tokenmill.models.llama_load import FIRST_STREAM_CELLS, create_context, gpu_
 from tokenmill.models.llama_rates import measure
 from tokenmill.models.llama_run import Run
 from tokenmill.models.llama_sampling import gpu_names
+from tokenmill.models.machine import ADAPT_EVERY_S, CoreWatch, threads_beside
 from tokenmill.models.row_sampler import Candidates
 
 DEFAULT_KV_UNIFIED = False
@@ -62,7 +63,7 @@ class LlamaBatchedBackend:
         self.kv_unified = DEFAULT_KV_UNIFIED if kv_unified is None else kv_unified
         self._model = self._ctx = self._batch = None
         self._busy = False
-        self.n_threads = settings.n_threads or default_threads()
+        self.n_threads = self.most_threads = settings.n_threads or default_threads()
         self.n_gpu_layers = gpu_layers(settings)
         self._model, self._tensor_split = load_model(settings, self.n_gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -80,10 +81,11 @@ class LlamaBatchedBackend:
         self.stats = {"decode_calls": 0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_s": 0.0, "generate_s": 0.0, "generate_calls": 0, "forced_tokens": 0,
                       "jump_forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0, "run_s": 0.0, "idle_s": 0.0, "admit_s": 0.0,
-                      "grammar_samples": 0, "grammar_rejections": 0, "stream_resizes": 0}
+                      "grammar_samples": 0, "grammar_rejections": 0, "stream_resizes": 0, "thread_changes": 0}
         self.jump = JumpForward(self._vocab, self.stats) if settings.jump_forward else None
         self.max_forced = min(MAX_FORCED, self.n_batch // self.n_seq - 1)
         self.last_decode_s = 0.0
+        self._cores = CoreWatch() if settings.adapt_threads and not self.n_gpu_layers else None
 
     def _context_created(self) -> None:
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)  # llama.cpp pads to multiples of 256
@@ -114,7 +116,7 @@ class LlamaBatchedBackend:
     def device(self) -> str:
         if self.n_gpu_layers:
             return f"gpu: {gpu_names()} (main_gpu={self.settings.main_gpu}, split={self.settings.split_mode})"
-        return f"cpu ({self.n_threads} threads)"
+        return f"cpu ({self.most_threads} threads)"
 
     def close(self) -> None:
         """Free the batch, context and model; safe to call twice."""
@@ -160,6 +162,8 @@ class LlamaBatchedBackend:
     # -- used by Run (llama_run.py) and llama_rates.measure --
 
     def _decode(self, n_tokens: int) -> int:
+        if self._cores is not None and self._cores.seconds() >= ADAPT_EVERY_S:
+            self._adapt_threads()
         self._batch.n_tokens = n_tokens
         t0 = time.perf_counter()
         ret = llama_cpp.llama_decode(self._ctx, self._batch)
@@ -167,6 +171,15 @@ class LlamaBatchedBackend:
         self.stats["decode_s"] += self.last_decode_s
         self.stats["decode_calls"] += 1
         return ret
+
+    def _adapt_threads(self) -> None:
+        """Fewer threads while other programs keep cores busy: llama.cpp's threads wait for
+        each other at every step, so one without a core of its own stalls them all."""
+        threads = threads_beside(self._cores.elsewhere(), self.most_threads)
+        if threads != self.n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self.n_threads = threads
+            self.stats["thread_changes"] += 1
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self._batch

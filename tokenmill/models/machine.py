@@ -5,7 +5,10 @@ llama.cpp's threads wait for each other at every step, so a thread that has no f
 stalls all the others: on a loaded 2-core machine 24 tokens took 1.7 s with 1 thread and 32 s
 with 2. The default thread count therefore leaves out the cores other programs are using
 right now, measured over a short sample of /proc/stat (not the load average, which still
-counts the last minute of tokenmill's own work).
+counts the last minute of tokenmill's own work). While it runs, a worker whose thread count
+tokenmill chose looks again every ADAPT_EVERY_S and drops a thread for each core other
+programs keep busy (Prefect's temporary server starting beside the first rows, another job),
+taking it back when they stop (`CoreWatch`, `threads_beside`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 SAMPLE_S = 0.2
+ADAPT_EVERY_S = 0.3
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -32,23 +36,48 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return sum(fields) - idle, sum(fields)
 
 
+class CoreWatch:
+    """Cores' worth of CPU that other processes (not this one, all its threads included) used
+    since the last look: `elsewhere()`."""
+
+    def __init__(self) -> None:
+        self._mark()
+
+    def _mark(self) -> None:
+        self._t, self._ticks, self._own = time.monotonic(), _cpu_ticks(), os.times()
+
+    def seconds(self) -> float:
+        """Seconds since the last look."""
+        return time.monotonic() - self._t
+
+    def elsewhere(self) -> float:
+        t, ticks, own = self._t, self._ticks, self._own
+        self._mark()
+        if ticks is None or self._ticks is None or self._t <= t:
+            return 0.0
+        busy = (self._ticks[0] - ticks[0]) / os.sysconf("SC_CLK_TCK")
+        mine = (self._own.user - own.user) + (self._own.system - own.system)
+        return max(0.0, busy - mine) / (self._t - t)
+
+
 def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float:
-    """Cores' worth of CPU other processes used over the last `sample_s` seconds."""
-    before, own_before = _cpu_ticks(), os.times()
-    if before is None:
-        return 0.0
+    """Cores' worth of CPU other processes used over the next `sample_s` seconds."""
+    watch = CoreWatch()
     time.sleep(sample_s)
-    after, own_after = _cpu_ticks(), os.times()
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = (after[0] - before[0]) / hz
-    own = (own_after.user - own_before.user) + (own_after.system - own_before.system)
-    return max(0.0, busy - own) / sample_s
+    return watch.elsewhere()
 
 
 def free_cores() -> int:
     """Cores not busy with other programs right now (at least 1)."""
     cores = os.cpu_count() or 1
     return max(1, min(cores, cores - int(busy_cores_elsewhere() + 0.25)))
+
+
+def threads_beside(elsewhere: float, most: int) -> int:
+    """llama.cpp threads for a machine where other programs use `elsewhere` cores: at most
+    `most`, one fewer for each core they keep at least half busy, at least 1."""
+    cores = os.cpu_count() or 1
+    return max(1, min(most, cores - int(elsewhere + 0.5)))
 
 
 def machine_id() -> str:

@@ -226,7 +226,8 @@ class Simulation:
         # that call, so a resumed run (whose first step evaluates whole chats and starts generating at
         # other moments) drifted from an uninterrupted one; one token per row per call does not.
         return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, stream_cells=n_ctx,
-                             n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend, jump_forward=False)
+                             n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend, jump_forward=False,
+                             adapt_threads=registry.get(self.config.backend).runtime == registry.DEFAULT_RUNTIME)
 
     def start(self) -> str:
         self.stats = RunStats(model=self.info.name, model_sha256=self.model_sha, backend=self.config.backend)
