@@ -77,12 +77,17 @@ def test_show_kv_estimate_matches_what_llama_cpp_allocates():
 
 
 def test_show_refuses_a_template_that_escapes_the_sandbox(tmp_path):
-    from tokenmill.models.gguf_info import write_gguf_copy
-
-    evil = tmp_path / "evil.gguf"  # metadata and vocabulary, no weights: `show` reads no tensor
-    write_gguf_copy(default_model_path(), evil, {
-        "tokenizer.chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"},
-        tensors=False)
+    # The default model with its chat template's bytes overwritten in place by a hostile one of the
+    # same length (padded with spaces), so nothing else in the file moves (tokenmill's own GGUF
+    # copier is tests/test_template_security.py's).
+    model = default_model_path()
+    original = read_header_file(model).metadata["tokenizer.chat_template"].encode()
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}".encode()
+    data = model.read_bytes()
+    assert data.count(original) == 1 and len(hostile) < len(original)
+    evil = tmp_path / "evil.gguf"
+    evil.write_bytes(data.replace(original, hostile.ljust(len(original)), 1))
+    assert read_header_file(evil).metadata["tokenizer.chat_template"].strip() == hostile.decode()
     result = models_cli("show", str(evil))
     assert result.returncode == 1
     assert "REFUSED by tokenmill's sandbox" in result.stdout
