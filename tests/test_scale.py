@@ -179,24 +179,24 @@ def test_the_default_thread_count_leaves_out_cores_busy_elsewhere():
 
 
 def test_calibration_is_stored_and_used_unless_options_override(tmp_path, monkeypatch):
-    """A short real probe (2 slot counts, 1 thread count: both cores, the faster probe) on the default model."""
+    """A short real probe (2 slot counts, 1 thread count) on the default model."""
     from flows.calibrate import calibrate
     from tokenmill.tasks.runner import JobConfig
     from tokenmill.tasks.summarize import prepare_summarize
 
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "cache"))
     lines = []
-    best = calibrate(None, slots=(1, 2), threads=(2,), steps=4, echo=lines.append)
+    best = calibrate(None, slots=(1, 2), threads=(1,), steps=8, echo=lines.append)
     assert len(best["table"]) == 2 and all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in best["table"])
-    assert best["n_seq"] in (1, 2) and best["threads"] == 2
+    assert best["n_seq"] in (1, 2) and best["threads"] == 1
     assert any("stored in" in line for line in lines)
     data = tmp_path / "in.parquet"
     _input(data, 3)
     job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out")))
     settings = job.settings()
-    assert (settings.n_seq, settings.n_threads) == (best["n_seq"], 2)
-    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), n_seq=5, n_threads=1))
-    assert (job.settings().n_seq, job.settings().n_threads) == (5, 1)
+    assert (settings.n_seq, settings.n_threads) == (best["n_seq"], 1)
+    job = prepare_summarize(JobConfig(input=str(data), out=str(tmp_path / "out"), n_seq=5, n_threads=2))
+    assert (job.settings().n_seq, job.settings().n_threads) == (5, 2)
 
 
 def test_stored_records_are_compact_and_records_stored_as_objects_are_still_read(tmp_path):
