@@ -1,5 +1,6 @@
 """Models by reference: Ollama's store, llamafiles, GPT4All's folder, bare names, built around the
-real default model in temporary folders and run end to end through flows.summarize."""
+real default model in temporary folders and run end to end through flows.summarize (flows.extract
+for GPT4All's folder)."""
 
 from __future__ import annotations
 
