@@ -109,16 +109,16 @@ def test_rouge_best_reference_counts_and_errors_score_zero(tmp_path):
 
 
 def test_baseline_direct_call_writes_scoreable_results(tmp_path):
-    """The direct-call baseline on 4 real E2E rows with the real model: valid rows, scored by eval."""
+    """The direct-call baseline on 3 real E2E rows with the real model: valid rows, scored by eval."""
     e2e = DATASETS / "e2e" / "dev.csv"
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
     out = tmp_path / "base"
     done = _eval("baseline", e2e, "--column", "ref", "--schema", REPO / "jobs" / "restaurants.yaml", "--out", out,
-                 "--limit", "4", "--max-tokens", "160")
+                 "--limit", "3", "--max-tokens", "160")
     assert done.returncode == 0, done.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df.height == 4 and (df["status"] == "ok").sum() >= 3 and (df["prompt_tokens"] > 20).all()
+    assert df.height == 3 and (df["status"] == "ok").sum() >= 2 and (df["prompt_tokens"] > 20).all()
     ok = df.filter(pl.col("status") == "ok")
     assert all(json.loads(raw)["name"] == ext["name"] for raw, ext in zip(ok["raw_output"], ok["extracted"]))
     _scores, summary, _ = evaluate_extract(out, e2e)

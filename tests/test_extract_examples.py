@@ -56,7 +56,7 @@ def test_inline_examples_in_a_job_spec_become_the_examples_option(tmp_path):
 
 
 def test_examples_are_evaluated_once_as_the_shared_prefix(run_flow, tmp_path):
-    """Real model, 6 rows: every row after the first reuses the prefix holding the examples."""
+    """Real model, 3 rows: every row after the first reuses the prefix holding the examples."""
     e2e = DATASETS / "e2e" / "dev.csv"
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
@@ -68,9 +68,9 @@ def test_examples_are_evaluated_once_as_the_shared_prefix(run_flow, tmp_path):
                          for e in load_examples(str(EXAMPLES), schema))
     out = tmp_path / "out"
     result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--examples", str(EXAMPLES),
-                      "--limit", "6", "--out", str(out), "--no-cache")
+                      "--limit", "3", "--out", str(out), "--no-cache")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert (df["status"] == "ok").all()
+    assert df.height == 3 and (df["status"] == "ok").all()
     assert (df["prompt_tokens"] > example_tokens).all()
-    assert (df["cached_tokens"] >= example_tokens).sum() >= 5, df.select("prompt_tokens", "cached_tokens")
+    assert (df["cached_tokens"] >= example_tokens).sum() >= 2, df.select("prompt_tokens", "cached_tokens")

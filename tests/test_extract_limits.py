@@ -114,9 +114,9 @@ def test_real_rows_with_a_tight_budget_all_end_valid_e2e(run_flow, tmp_path):
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
     out = tmp_path / "out"
-    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(FIELDS), "--limit", "12",
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(FIELDS), "--limit", "6",
                       "--max-tokens", "96", "--out", str(out), "--no-cache")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df["status"].to_list() == ["ok"] * 12, df.filter(pl.col("status") != "ok").select("raw_output", "error")
+    assert df["status"].to_list() == ["ok"] * 6, df.filter(pl.col("status") != "ok").select("raw_output", "error")
     assert (df["completion_tokens"] <= 96 * df["calls"]).all()

@@ -161,41 +161,9 @@ def test_device_names_gpt4all(backend):
     assert "gpt4all" in backend.device() and backend.device().startswith("cpu")
 
 
-# The summarize command end to end on this backend (every row ok, GPT4All's GPU probing off the
-# terminal, usage naming the backend) is tests/test_model_stores.py's gpt4all test.
-
-
-def test_cli_extract_with_gpt4all_validates_and_retries_without_grammar(run_flow, tmp_path):
-    import json
-
-    import jsonschema
-
-    from tests.conftest import DATASETS
-    from tests.test_extract import NAME_ONLY
-    from tokenmill.schema import load_schema
-
-    e2e = DATASETS / "e2e" / "dev.csv"
-    if not e2e.exists():
-        pytest.skip(f"shared dataset missing: {e2e}")
-    # a schema the small default model meets without a grammar (tests/test_extract.py, NAME_ONLY)
-    spec = tmp_path / "name.json"
-    spec.write_text(json.dumps(NAME_ONLY))
-    out = tmp_path / "out"
-    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(spec), "--limit", "3",
-                      "--backend", "gpt4all", "--max-retries", "1", "--max-tokens", "64", "--out", str(out),
-                      "--no-cache")
-    assert result.returncode in (0, 3), result.stderr
-    df = pl.read_parquet(out / "results.parquet")
-    schema, _ = load_schema(str(spec))
-    assert df.height == 3 and set(df["calls"].to_list()) <= {1, 2}
-    assert (df["status"] == "ok").sum() >= 1, df.select("status", "calls", "error")  # not failures only
-    for row in df.iter_rows(named=True):
-        if row["status"] == "ok":
-            jsonschema.validate(json.loads(row["raw_output"]), schema)
-        else:
-            assert row["calls"] == 2 and row["error"].startswith("could not parse"), row
-    usage = pl.read_parquet(out / "usage.parquet").row(0, named=True)
-    assert json.loads(usage["params"])["grammar"] is None and usage["calls"] == df["calls"].sum()
+# The command end to end on this backend (gpt4all:FILE from GPT4All's folder, extraction that
+# validates and asks again without a grammar, GPT4All's GPU probing off the terminal, usage naming
+# the backend) is tests/test_model_stores.py's gpt4all test.
 
 
 def test_a_model_gpt4all_refuses_fails_with_its_reason(cache_dir, original, monkeypatch):

@@ -26,7 +26,7 @@ from tokenmill.models.resolve import default_model_path
 
 pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
 
-ROWS = 4  # the server decodes one request at a time: few rows, short replies
+ROWS = 3  # the server decodes one request at a time: few rows, short replies (the stopped-server test: 2 + 1)
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
           "required": ["title", "year"], "additionalProperties": False}
 
@@ -128,7 +128,7 @@ def test_scitldr_rows_are_summarized_with_the_servers_usage(server, prompts):
 
 def test_extraction_with_the_servers_json_schema_is_schema_valid(server):
     backend = _backend(server.url)
-    rows = scitldr_rows(2)  # schema-constrained replies of up to 96 tokens, one request at a time: two rows
+    rows = scitldr_rows(1)  # a schema-constrained reply of up to 96 tokens, one request at a time: one row
     try:
         requests = [Request(i, "", max_tokens=96, json_schema=SCHEMA, messages=[
             {"role": "user", "content": "Give this paper a short title and the year it might be from, as JSON "
@@ -159,8 +159,10 @@ def test_a_model_the_server_does_not_have_is_refused_before_any_row(server):
         _backend(server.url + "#nope")
 
 
-def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them(tmp_path, prompts):
-    s = Server(_free_port(), tmp_path / "server.log").start()
+def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them(server, prompts):
+    """The module's server is stopped mid-run, then started again on its port (for the tests after
+    this one too)."""
+    s = server
     try:
         backend = _backend(s.url, concurrency=1, retries=2, backoff_s=0.2)
         requests = [Request(i, p, max_tokens=16) for i, p in enumerate(prompts)]
@@ -184,7 +186,8 @@ def test_server_stopped_mid_run_fails_its_rows_alone_and_a_restart_finishes_them
         assert sorted(c.index for c in again) == sorted(failed)
         assert all(c.error is None and c.text for c in again)
     finally:
-        s.stop()
+        if s.proc is None or s.proc.poll() is not None:
+            s.start()
 
 
 def test_truncation_reported_by_the_server_fails_the_row(server, prompts):
@@ -207,7 +210,7 @@ def test_chat_messages_are_checked_against_their_words_with_a_real_servers_usage
     """Rows sent as messages, with no count of tokenmill's own (a server without a tokenizer): the
     server's reported prompt tokens are at least the messages' words, so a real server that read
     everything passes; the check fails a row only when the report falls short (cut_report below)."""
-    texts = [row["text"] for row in scitldr_rows(3)]
+    texts = [row["text"] for row in scitldr_rows(2)]
     backend = _backend(server.url)
     try:
         replies = sorted(backend.generate([Request(i, "", max_tokens=4, messages=[

@@ -98,12 +98,13 @@ def test_summaries_that_cannot_be_combined_fail_clearly():
 # -- end to end on the real model ------------------------------------------------------------
 
 
-N_CTX = 512  # a small context, so that a short document (about 900 tokens, 5 abstracts) already needs 3 parts
+N_CTX = 240  # a small context, so that a short document (about 430 tokens, 3 abstracts) already needs 3 parts
 
 
 @pytest.fixture(scope="module")
 def long_input(tmp_path_factory, info):
-    """Consecutive SciTLDR abstracts, just over 1.75 contexts of --n-ctx N_CTX (3 parts), between two ordinary rows."""
+    """Consecutive SciTLDR abstracts, just over 1.75 contexts of --n-ctx N_CTX (3 parts), between two
+    ordinary rows (one-sentence SciTLDR summaries, which fit one prompt at this context)."""
     rows = scitldr_rows(60)
     paragraphs = []
     for r in rows[2:]:
@@ -112,7 +113,7 @@ def long_input(tmp_path_factory, info):
             break
     doc = "\n\n".join(paragraphs)
     path = tmp_path_factory.mktemp("long") / "long.parquet"
-    pl.DataFrame({"name": ["short-1", "long", "short-2"], "text": [rows[0]["text"], doc, rows[1]["text"]]}
+    pl.DataFrame({"name": ["short-1", "long", "short-2"], "text": [rows[0]["reference"], doc, rows[1]["reference"]]}
                  ).write_parquet(path)
     return path, info.count_text_tokens(doc)
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO, assert_one_line_error
 from tokenmill.models.gguf_header import read_header_file
 from tokenmill.models.layouts import build_llamafile, build_ollama_store
 from tokenmill.models.quantize import dequantize_to_f16
-from tokenmill.models.resolve import default_model_path
+from tokenmill.models.resolve import default_model_path, file_sha256
 
 
 def models_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -77,17 +77,23 @@ def test_show_kv_estimate_matches_what_llama_cpp_allocates():
 
 
 def test_show_refuses_a_template_that_escapes_the_sandbox(tmp_path):
-    from tokenmill.models.gguf_info import write_gguf_copy
-
+    # The default model with its chat template's bytes overwritten in place by a hostile one of the
+    # same length (padded with spaces), so nothing else in the file moves (tokenmill's own GGUF
+    # copier is tests/test_template_security.py's).
+    model = default_model_path()
+    original = read_header_file(model).metadata["tokenizer.chat_template"].encode()
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}".encode()
+    data = model.read_bytes()
+    assert data.count(original) == 1 and len(hostile) < len(original)
     evil = tmp_path / "evil.gguf"
-    write_gguf_copy(default_model_path(), evil, {
-        "tokenizer.chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"})
+    evil.write_bytes(data.replace(original, hostile.ljust(len(original)), 1))
+    assert read_header_file(evil).metadata["tokenizer.chat_template"].strip() == hostile.decode()
     result = models_cli("show", str(evil))
     assert result.returncode == 1
     assert "REFUSED by tokenmill's sandbox" in result.stdout
 
 
-def test_quantize_f16_to_q8_then_summarize(tmp_path, run_flow, scitldr_parquet):
+def test_quantize_f16_to_q8_then_summarize(tmp_path, scitldr_parquet):
     f16 = dequantize_to_f16(default_model_path(), tmp_path / "smol-f16.gguf")
     assert read_header_file(f16).quantization == "F16"
     out = tmp_path / "smol-q8.gguf"
@@ -99,11 +105,18 @@ def test_quantize_f16_to_q8_then_summarize(tmp_path, run_flow, scitldr_parquet):
     line = result.stderr.strip().splitlines()[-1]
     assert "270.9 MB" in line and "144.8 MB" in line and "Q8_0" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smol-f16.gguf", "smol-q8.gguf"]  # no temporary left
-    summary = run_flow("summarize", str(scitldr_parquet), "--out", str(tmp_path / "sum"), "--model", str(out),
-                       "--limit", "3", "--max-tokens", "32")
-    assert summary.returncode == 0, summary.stderr
+    # The quantized file is a working model: a summarize job on it (in this process, on the real
+    # engine; `--model PATH` on the command line is every flow test's own).
+    from tokenmill.tasks.runner import JobConfig
+    from tokenmill.tasks.summarize import prepare_summarize
+
+    job = prepare_summarize(JobConfig(input=str(scitldr_parquet), out=str(tmp_path / "sum"), model=str(out), limit=1,
+                                      max_tokens=8, n_ctx=1024, n_seq=1, cache=False))
+    stats = job.run(progress=False)
+    assert stats.rows_ok == 1 and stats.completion_tokens > 0
+    assert stats.model_sha256 == file_sha256(out)  # the quantized file ran, not the default model
     df = pl.read_parquet(tmp_path / "sum" / "results.parquet")
-    assert df["status"].to_list() == ["ok"] * 3 and all(s.strip() for s in df["summary"].to_list())
+    assert df["status"].to_list() == ["ok"] and df["summary"][0].strip()
 
 
 def test_quantize_errors_are_one_line(tmp_path):

@@ -25,7 +25,8 @@ from tokenmill.schema import load_schema
 pytest.importorskip("llama_cpp.server.app", reason="pip install 'llama-cpp-python[server]'")
 
 SPEC = REPO / "jobs" / "restaurants.yaml"
-URL_ROWS = 2  # rows of the first two tests: the server decodes one request at a time
+URL_ROWS = 1  # rows of the summarize test (messages counted by the server: one row shows it)
+EXTRACT_ROWS = 1  # replies of up to 160 tokens, one request at a time
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,11 @@ def test_extraction_by_url_uses_the_servers_json_schema_and_every_row_is_valid(s
     if not e2e.exists():
         pytest.skip(f"shared dataset missing: {e2e}")
     out = tmp_path / "out"
-    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--limit", str(URL_ROWS),
+    result = run_flow("extract", str(e2e), "--column", "ref", "--schema", str(SPEC), "--limit", str(EXTRACT_ROWS),
                       "--model", server.url, "--out", str(out), "--no-cache", "--max-tokens", "160")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(out / "results.parquet")
-    assert df["status"].to_list() == ["ok"] * URL_ROWS, df.select("row", "error")
+    assert df["status"].to_list() == ["ok"] * EXTRACT_ROWS, df.select("row", "error")
     assert (df["calls"] == 1).all()  # constrained by the server: no repair turns were needed
     schema, _ = load_schema(str(SPEC))
     for raw in df["raw_output"].to_list():
@@ -80,7 +81,7 @@ def test_summarize_by_url_without_a_tokenizer_sends_chat_messages_counted_by_the
     assert json.loads(usage["params"])["prompt_as"] == "messages"  # keyed apart from rendered-prompt rows
 
 
-ROWS = 5  # through a server that decodes one request at a time
+ROWS = 4  # through a server that decodes one request at a time: two done, then it stops with two to go
 
 
 def _summarize_cmd(data, out, url) -> list[str]:
@@ -91,36 +92,49 @@ def _summarize_cmd(data, out, url) -> list[str]:
 
 
 def test_server_stopped_mid_run_fails_its_rows_alone_and_the_same_command_finishes_them(
-        prefect_server, scitldr_parquet, tmp_path):
-    s = LoopbackServer("llama-cpp-python", default_model_path(), tmp_path / "server.log").start()
+        server, prefect_server, scitldr_parquet, summarized_scitldr10, tmp_path):
+    """The module's server stopped mid-run, then started again on its port. The finished rows are
+    also `--model http://...` (with the server's tokenizer: rendered prompts) end to end against the
+    session's reference run of the same rows in-process on the default model (conftest's
+    summarized_scitldr10): the same columns and types, the server counting the same prompt tokens."""
+    s = server  # the later tests of this module need no server; the fixture stops it at the end
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": prefect_server["home"],
            "TOKENMILL_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.Popen(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        run = subprocess.Popen(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and len(list((out / "parts").glob("*.parquet"))) < 2:
             assert run.poll() is None, run.communicate()
             time.sleep(0.1)
         s.stop()  # two rows are done; the server dies with the others to go
         _, stderr = run.communicate(timeout=300)
-        assert run.returncode == 3, stderr  # finished, with row errors
-        df = pl.read_parquet(out / "results.parquet")
-        failed = df.filter(pl.col("status") == "error")
-        assert df.height == ROWS and (df["status"] == "ok").sum() >= 2 and failed.height >= 1
-        for error in failed["error"].to_list():
-            assert s.url in error and "gave up after 3 tries" in error, error
-        s.start()  # the same port again
-        again = subprocess.run(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env, capture_output=True,
-                               text=True, timeout=600)
-        assert again.returncode == 0, again.stderr
     finally:
-        s.stop()
+        if run.poll() is None:
+            run.kill()
+            run.wait(30)
+    assert run.returncode == 3, stderr  # finished, with row errors
+    df = pl.read_parquet(out / "results.parquet")
+    failed = df.filter(pl.col("status") == "error")
+    assert df.height == ROWS and (df["status"] == "ok").sum() >= 2 and failed.height >= 1
+    for error in failed["error"].to_list():
+        assert s.url in error and "gave up after 3 tries" in error, error
+    s.start()  # the same port again
+    again = subprocess.run(_summarize_cmd(scitldr_parquet, out, s.url), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
     df = pl.read_parquet(out / "results.parquet")
     assert df["status"].to_list() == ["ok"] * ROWS and all(t.strip() for t in df["summary"].to_list())
     usage = pl.read_parquet(out / "usage.parquet").row(-1, named=True)
     assert usage["rows_generated"] == failed.height and usage["rows_resumed"] == ROWS - failed.height
+    assert usage["backend"] == "http" and s.url in usage["device"]
+    reference_result, reference_out = summarized_scitldr10
+    assert reference_result.returncode == 0, reference_result.stderr
+    direct = pl.read_parquet(reference_out / "results.parquet").head(ROWS)
+    columns = ["id", "status", "summary", "finish_reason", "prompt_tokens", "completion_tokens"]
+    assert df.columns == direct.columns and df.select(columns).schema == direct.select(columns).schema
+    assert df["prompt_tokens"].to_list() == direct["prompt_tokens"].to_list()
 
 
 def test_backend_options_and_model_kinds_are_checked_on_one_line(run_cli_here, scitldr_parquet, tmp_path):
