@@ -125,7 +125,10 @@ def breakdown(engine: dict, flow_s: float) -> str:
     run_s = engine.get("run_s", 0.0)
     parts["engine loop other"] = max(0.0, run_s - sum(parts.values()))
     parts["outside the engine (start-up, model load, queues, Prefect, writing)"] = max(0.0, flow_s - run_s)
-    return "\n".join(f"    {name:<70} {seconds:7.2f} s  {100 * seconds / flow_s:5.1f} %" for name, seconds in parts.items())
+    lines = [f"    {name:<70} {seconds:7.2f} s  {100 * seconds / flow_s:5.1f} %" for name, seconds in parts.items()]
+    if engine.get("thread_changes"):  # other programs took cores for a while (models/machine.py)
+        lines.append(f"    thread count changes while other programs kept cores busy: {engine['thread_changes']}")
+    return "\n".join(lines)
 
 
 def _gen_rate(seconds_stats: dict, completion: int) -> float:
