@@ -96,8 +96,9 @@ def run_flow(prefect_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def summarized_scitldr10(run_flow, scitldr_parquet, tmp_path_factory):
     """The 10 SciTLDR abstracts through `python -m flows.summarize` on the default model, generated
-    (--no-cache), once a session: test_summarize's end-to-end checks and test_model_stores' reference
-    for the other model stores. Returns (the CompletedProcess, the output folder)."""
+    (--no-cache), once a session: test_summarize's end-to-end checks, test_model_stores' reference
+    for the other model stores and test_runtimes' reference for a server by URL. Returns (the
+    CompletedProcess, the output folder)."""
     out = tmp_path_factory.mktemp("sum10") / "out"
     return run_flow("summarize", str(scitldr_parquet), "--out", str(out), "--max-tokens", "24", "--no-cache"), out
 
