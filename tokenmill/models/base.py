@@ -78,7 +78,8 @@ class ModelSettings:
     n_batch: int = 512
     n_threads: int = 0  # 0: default_threads()
     # llama on CPU: use fewer than n_threads while other programs keep cores busy, and n_threads
-    # again once they stop (models/machine.py CoreWatch); for thread counts tokenmill chose itself
+    # again once they stop (models/machine.py CoreWatch); for thread counts tokenmill chose itself.
+    # Read by the batched llama engine only; other backends ignore it
     adapt_threads: bool = False
     n_gpu_layers: int = -1  # -1: all layers when the build can offload, else 0
     main_gpu: int = 0

@@ -227,7 +227,7 @@ class Simulation:
         # other moments) drifted from an uninterrupted one; one token per row per call does not.
         return ModelSettings(model_path=str(self.model_path), n_ctx=total, n_seq=slots, stream_cells=n_ctx,
                              n_gpu_layers=self.config.n_gpu_layers, backend=self.config.backend, jump_forward=False,
-                             adapt_threads=registry.get(self.config.backend).runtime == registry.DEFAULT_RUNTIME)
+                             adapt_threads=True)
 
     def start(self) -> str:
         self.stats = RunStats(model=self.info.name, model_sha256=self.model_sha, backend=self.config.backend)

@@ -144,7 +144,7 @@ class Planner:
         slots = c.n_seq or self.default_slots()
         return ModelSettings(model_path=str(self.model_path), n_ctx=self.backend.context_tokens(c.n_ctx, slots),
                              n_seq=slots, n_threads=c.n_threads or self.default_threads(),
-                             adapt_threads=not c.n_threads and self.backend.runtime == registry.DEFAULT_RUNTIME,
+                             adapt_threads=not c.n_threads,
                              n_gpu_layers=c.n_gpu_layers, backend=self.backend.name, options=self.backend_options)
 
     def default_threads(self) -> int:
