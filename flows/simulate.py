@@ -9,7 +9,7 @@ import sys
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
+from tokenmill.progress import progress_bar
 
 from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, run_cli
 from tokenmill.models.family import FAMILIES
@@ -62,7 +62,7 @@ def simulate_flow(config: SimConfig, progress: bool = True) -> dict:
         total = sim.spec.steps
         artifact = create_progress_artifact(progress=100.0 * min(last, total) / total,
                                             description=f"steps of {sim.spec.name} committed")
-        bar = tqdm(total=total, initial=min(last, total), unit="step", file=sys.stderr, disable=not progress,
+        bar = progress_bar(total=total, initial=min(last, total), unit="step", disable=not progress,
                    dynamic_ncols=True)
         for step in range(last + 1, total + 1):
             result = run_step.with_options(task_run_name=f"step-{step}")(sim, step)

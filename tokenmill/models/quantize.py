@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +45,7 @@ def quantize(source: Path, out: Path, type_name: str, threads: int = 0, progress
              on_tensor: Callable[[int, int], None] | None = None) -> Path:
     """Write `out`, `source` quantized to `type_name`; OUT appears only when complete."""
     import llama_cpp
-    from tqdm import tqdm
+    from tokenmill.progress import progress_bar
 
     types = quant_types()
     key = type_name.upper()
@@ -58,7 +57,7 @@ def quantize(source: Path, out: Path, type_name: str, threads: int = 0, progress
     if not out.parent.is_dir():
         raise InputError(f"the folder of OUT {out} does not exist")
     total = read_header_file(source).n_tensors
-    bar = tqdm(total=total, unit="tensor", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+    bar = progress_bar(total=total, unit="tensor", disable=not progress, dynamic_ncols=True,
                desc=f"quantize {key}")
     tail: list[str] = []
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
-from tqdm import tqdm
+from tokenmill.progress import progress_bar
 
 from tokenmill.errors import InputError, OutputError
 from tokenmill.io.parts import append_row, write_atomic
@@ -348,7 +347,7 @@ class Simulation:
         last = self.open()
         try:
             self.start()
-            bar = tqdm(total=self.spec.steps, initial=min(last, self.spec.steps), unit="step", file=sys.stderr,
+            bar = progress_bar(total=self.spec.steps, initial=min(last, self.spec.steps), unit="step",
                        disable=not progress, dynamic_ncols=True)
             for step in range(last + 1, self.spec.steps + 1):
                 result = self.step(step)

@@ -13,13 +13,12 @@ then stay in memory, at most one part's worth, until the id comes; they are writ
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from itertools import compress
 from typing import TYPE_CHECKING, Callable
 
-from tqdm import tqdm
+from tokenmill.progress import progress_bar
 
 from tokenmill.contract import (RESULTS_FILE, REUSABLE, STORED_FIELDS, USAGE_FILE, columns_of, record_index,
                                 stored_rows)
@@ -75,7 +74,7 @@ class ResultSink:
         self.writes = BackgroundWrites(self._write_parts)
         self.recent: dict[str, dict] = {}  # records in the index since the scheduler last looked there
         self._flushed_at = self._called_at = time.monotonic()
-        self.bar = tqdm(total=planner.table.rows, unit="row", file=sys.stderr, disable=not progress,
+        self.bar = progress_bar(total=planner.table.rows, unit="row", disable=not progress,
                         dynamic_ncols=True, mininterval=0.5)
 
     def tick(self) -> None:
