@@ -6,6 +6,7 @@ import ctypes
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp import _logger
 
 from tokenmill.errors import ModelError
 from tokenmill.models.base import ModelSettings
@@ -35,6 +36,9 @@ def load_model(settings: ModelSettings, n_gpu_layers: int):
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ModelError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
+    # llama.cpp's info and debug lines (graph inputs at every new batch shape) would flood the
+    # terminal; LogCapture keeps what an error message needs
+    _logger.set_verbose(False)
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
