@@ -305,7 +305,7 @@ def test_long_prompts_are_work_not_a_hang(tmp_path):
 
     hang_s = 4
     texts = [r["text"] for r in scitldr_rows(48)]
-    prompts = [" ".join(texts[i::4])[:2200] for i in range(4)]  # ~500 tokens each, no shared prefix
+    prompts = [" ".join(texts[i::4])[:4000] for i in range(4)]  # ~750 tokens each, no shared prefix
     worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=1024 * 5, n_seq=4, n_batch=128),
                          hang_timeout_s=hang_s)
     done, first = [], None
