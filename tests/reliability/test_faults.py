@@ -296,14 +296,14 @@ def test_disk_full_stops_with_a_clear_error_and_readable_parts(prefect_server, t
 
 def test_long_prompts_are_work_not_a_hang(tmp_path):
     """The batched engine reports after every decode, so minutes of prompt evaluation before a
-    row's first token do not look like a silent worker (a 4 s hang limit here, rows that take
+    row's first token do not look like a silent worker (a 3 s hang limit here, rows that take
     longer than that to evaluate before any of them finishes). Decodes of 128 tokens keep each
     step well inside the limit."""
     from tokenmill.models.base import GenerationRequest, ModelSettings
     from tokenmill.models.resolve import default_model_path
     from tokenmill.pool import ModelWorker
 
-    hang_s = 4
+    hang_s = 3
     texts = [r["text"] for r in scitldr_rows(48)]
     prompts = [" ".join(texts[i::4])[:4000] for i in range(4)]  # ~750 tokens each, no shared prefix
     worker = ModelWorker(ModelSettings(model_path=str(default_model_path()), n_ctx=1024 * 5, n_seq=4, n_batch=128),
