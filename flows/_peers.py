@@ -12,6 +12,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from tokenmill.models.machine import amx_cpu
+
 PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
 
 
@@ -26,21 +28,9 @@ def _env() -> dict | None:
     except (subprocess.SubprocessError, OSError):
         return None
     env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
-    if amx_cpu():  # their tools are built with -march=native: keep llama.cpp's AMX buffers off (README)
+    if amx_cpu():  # their tools are built with -march=native: --no-repack keeps llama.cpp's AMX buffers off
         env.setdefault("LLAMA_ARG_REPACK", "false")
     return env if Path(env.get("PEER_LLAMA_SERVER", "")).exists() else None
-
-
-def amx_cpu() -> bool:
-    """Whether the CPU reports Intel AMX. A llama.cpp built for it with -march=native moves the
-    weights into AMX buffers and, on this machine kind, then segfaults on the first prompt of
-    more than a few tokens (2026-12-05). tokenmill's own build leaves AMX out (the README's
-    CMAKE_ARGS); the peers' tools are told to use no extra buffers (`--no-repack`), which is
-    what turns AMX off there."""
-    try:
-        return " amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def available() -> bool:

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.models import registry
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
+from tokenmill.models.machine import crash_hint
 
 
 def die_with_parent() -> None:
@@ -205,7 +206,7 @@ class ModelWorker(_Worker):
                 if not self._proc.is_alive():
                     code, self._proc = self._proc.exitcode, None
                     raise ModelError(f"the model worker died while loading {self.settings.model_path} "
-                                     f"(exit code {code})") from None
+                                     f"(exit code {code}){crash_hint(code)}") from None
                 continue
             if kind == "load_error":
                 self._proc.join(5)
@@ -290,12 +291,14 @@ class ModelWorker(_Worker):
         self._live_stats = {}
         cause = (f"the model worker produced nothing for {self.hang_timeout_s:.0f} s and was stopped" if hung
                  else f"the model worker died (exit code {exitcode})")
+        hint = "" if hung else crash_hint(exitcode)
         retry = []
         for index, request in self._pending.items():
             self._attempts[index] = self._attempts.get(index, 0) + 1
             if self._attempts[index] >= self.max_attempts:
-                self._failed.append(Completion(index, None, "error", f"{cause} while generating this row, "
-                                               f"{self._attempts[index]} times; the row may trigger a runtime bug"))
+                times = self._attempts[index]
+                self._failed.append(Completion(index, None, "error", f"{cause} while generating this row, {times} "
+                                               f"time{'s' if times > 1 else ''}; the row may trigger a runtime bug{hint}"))
             else:
                 retry.append(request)
         self._pending.clear()

@@ -9,6 +9,8 @@ counts the last minute of tokenmill's own work). While it runs, a worker whose t
 tokenmill chose looks again every ADAPT_EVERY_S and drops a thread for each core other
 programs keep busy (Prefect's temporary server starting beside the first rows, another job),
 taking it back when they stop (`CoreWatch`, `threads_beside`).
+
+Also what a worker's crash may owe to this CPU (`crash_hint`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -121,3 +124,22 @@ def save_calibration(model_sha: str, result: dict) -> Path:
     tmp.write_text(json.dumps(stored, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def amx_cpu() -> bool:
+    """Whether the CPU reports Intel AMX. A llama.cpp built for it with -march=native moves the
+    weights into AMX buffers and, on the Xeons this project was measured on (2026-12-05), then
+    segfaults on the first prompt of more than a few tokens. The README's install builds
+    llama-cpp-python without AMX."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def crash_hint(exitcode: int | None) -> str:
+    """What to add to the message of a model worker that died with `exitcode` ("" if nothing)."""
+    if exitcode == -signal.SIGSEGV and amx_cpu():
+        return ("; this CPU reports Intel AMX, and a llama.cpp built with its AMX kernels segfaults here: "
+                "rebuild llama-cpp-python without them (the README's install line: CMAKE_ARGS with -mno-amx-int8)")
+    return ""
