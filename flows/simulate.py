@@ -9,11 +9,11 @@ import sys
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from tokenmill.progress import progress_bar
 
 from flows._cli import EXIT_OK, EXIT_ROW_ERRORS, run_cli
 from tokenmill.models.family import FAMILIES
 from tokenmill.models.registry import NAMES as BACKENDS
+from tokenmill.progress import progress_bar
 from tokenmill.sim.run import SimConfig, Simulation, effective_spec
 
 EXIT_STATUS_HELP = """exit status:

@@ -43,9 +43,6 @@ def _worker_main(settings: ModelSettings, requests: mp.Queue, results: mp.Queue,
     die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         return
-    from llama_cpp import _logger
-
-    _logger.set_verbose(False)  # llama.cpp's info logs would otherwise flood the user's terminal
     try:
         backend = registry.load(settings)
     except TokenmillError as exc:

@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Callable
 
 import polars as pl
-from tokenmill.progress import progress_bar
 
-from tokenmill.errors import InputError, OutputError
-from tokenmill.io.parts import append_row, write_atomic
+from tokenmill.errors import InputError
+from tokenmill.io.parts import append_row
 from tokenmill.ledger import OutputLock
 from tokenmill.models.base import Completion, GenerationRequest, ModelSettings
 from tokenmill.models.gguf_info import ModelInfo
 from tokenmill.models.resolve import model_sha256, resolve_model
 from tokenmill.models import registry
 from tokenmill.pool import ModelWorker
+from tokenmill.progress import progress_bar
 from tokenmill.schema import Validator, grammar
 from tokenmill.sim.context import AgentContext, Turn, restore_contexts
 from tokenmill.sim.checkpoint import StepStore, frame, read_run_info, write_run_info

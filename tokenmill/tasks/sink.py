@@ -18,14 +18,13 @@ import time
 from itertools import compress
 from typing import TYPE_CHECKING, Callable
 
-from tokenmill.progress import progress_bar
-
 from tokenmill.contract import (RESULTS_FILE, REUSABLE, STORED_FIELDS, USAGE_FILE, columns_of, record_index,
                                 stored_rows)
 from tokenmill.io.background import BackgroundWrites
 from tokenmill.io.index import FolderIndex, bulk
 from tokenmill.io.parts import PartWriter, append_row
 from tokenmill.ledger import ResultCache
+from tokenmill.progress import progress_bar
 from tokenmill.usage import RunStats
 
 if TYPE_CHECKING:
